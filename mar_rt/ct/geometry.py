@@ -32,6 +32,10 @@ import numpy as np
 _SDL_PIXEL = 512 / 416 * 0.03  # cm: DeepLesion's 0.03 cm at 512² resampled to 416²
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True, kw_only=True)
 class FanBeamGeometry:
     """A flat-detector fan-beam geometry over a square-pixel image grid.
@@ -53,12 +57,20 @@ class FanBeamGeometry:
     def __post_init__(self) -> None:
         for name in ("n_rows", "n_cols", "n_views", "n_det"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"FanBeamGeometry: {name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(
+                    f"FanBeamGeometry: {name} must be a positive integer, got {value!r}"
+                )
         for name in ("pixel_size", "det_spacing", "source_distance", "detector_distance"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"FanBeamGeometry: {name} must be positive and finite, got {value!r}")
+            if not (_is_real(value) and math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"FanBeamGeometry: {name} must be positive and finite, got {value!r}"
+                )
+        for name in ("det_offset", "angle_offset"):
+            value = getattr(self, name)
+            if not (_is_real(value) and math.isfinite(value)):
+                raise ValueError(f"FanBeamGeometry: {name} must be finite, got {value!r}")
         half_diag = 0.5 * math.hypot(self.n_rows, self.n_cols) * self.pixel_size
         if self.source_distance <= half_diag:
             raise ValueError(
@@ -132,14 +144,14 @@ class FanBeamGeometry:
         """Raise ValueError unless the trailing two dims equal (n_rows, n_cols)."""
         if len(image_shape) < 2 or tuple(image_shape[-2:]) != self.image_shape:
             raise ValueError(
-                f"{name} has shape {tuple(image_shape)}, expected (..., {self.n_rows}, {self.n_cols}) "
-                "for this geometry"
+                f"{name} has shape {tuple(image_shape)}, expected "
+                f"(..., {self.n_rows}, {self.n_cols}) for this geometry"
             )
 
     def check_sinogram(self, sino_shape: tuple[int, ...], name: str = "sinogram") -> None:
         """Raise ValueError unless the trailing two dims equal (n_views, n_det)."""
         if len(sino_shape) < 2 or tuple(sino_shape[-2:]) != self.sino_shape:
             raise ValueError(
-                f"{name} has shape {tuple(sino_shape)}, expected (..., {self.n_views}, {self.n_det}) "
-                "(views × detector bins) for this geometry"
+                f"{name} has shape {tuple(sino_shape)}, expected "
+                f"(..., {self.n_views}, {self.n_det}) (views × detector bins) for this geometry"
             )
