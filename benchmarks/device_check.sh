@@ -9,6 +9,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_check_out}"
 mkdir -p "$OUT"
+# Pure-Python packages the GPU image lacks (open_clip_torch, ftfy, wcwidth, pydicom) travel as
+# wheels in ./.whl (carry it); install them into a private target when present.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/mar-rt-site .whl/*.whl && export PYTHONPATH="/tmp/mar-rt-site"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export MAR_RT_CACHE="${MAR_RT_CACHE:-/tmp/mar-rt-cache}"

@@ -1,0 +1,149 @@
+"""The DuDoCROP pipeline configuration, stored in ``bundle.json`` under ``"pipeline"``.
+
+Every step of DESIGN.md §8 that is not essential has one boolean switch here, so each
+ablation of §9 is one flag (``PipelineConfig.ablation(name)`` names the published ones).
+
+Notation (DESIGN.md §8):
+
+    X_ma, Y_ma   metal-affected image (μ, cm⁻¹) and sinogram (line integrals)
+    X_LI, Y_LI   linear-interpolation pair
+    X_p, Y_p     DAPG priors (image / sinogram IR-SDE outputs)
+    X'_p         FBP of the fidelity sinogram Y_f = (1 − Tr)⊙Y_ma + Tr⊙Y_p
+    R, R̂         residual X̃_p − X'_p and its IR-SDE refinement
+    α            fusion weight of step 6
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MuSource = Literal["li", "ma"]
+SizePolicy = Literal["resample", "refuse"]
+
+ABLATIONS = ("full", "sde_only", "dapg_only")
+"""Named ablations of DESIGN §9: IR-SDE alone (no DuDoCLIP), DAPG only (no OSRO), full."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """Switches and constants of the DuDoCROP pipeline (DESIGN.md §8).
+
+    Attributes:
+        steps: reverse-SDE steps of the image and sinogram loops (S ≤ T of the bundle's SDE).
+        residual_steps: steps of the residual loop; ``None`` means the DAPG loops' count
+            (``steps``, or the ``steps`` a call asks for).
+        mu_source: what the DAPG loops revert to: ``"li"`` (X_LI, Y_LI) or ``"ma"``
+            (X_ma, Y_ma, as the paper does). CLIP always sees X_ma / Y_ma.
+        use_clip: ``False`` feeds zero embeddings to the U-Nets (the "IR-SDE without
+            DuDoCLIP" ablation) and skips the CLIP graphs.
+        run_image_sde: ``False`` sets X_p = X_LI (no image loop).
+        run_sinogram_sde: ``False`` sets Y_p = Y_LI (no sinogram loop).
+        run_osro: ``False`` skips OSRO entirely: X_out = X_p ("DAPG only").
+        osro_fidelity: step 1 replaces Y_p outside the trace by Y_ma; ``False`` uses
+            X'_p = FBP(Y_p).
+        norm1: step 2 matches X_p's mean/std to X'_p over non-metal pixels; ``False`` uses X_p.
+        osro_residual: step 3 runs the residual IR-SDE; ``False`` sets R̂ = 0 (X̂_p = X'_p).
+        norm2: step 5 matches X̂_p's mean/std to X_p over non-metal pixels.
+        alpha: step 6 fusion weight, X_out = α·Norm²(X̂_p) + (1 − α)·X_p, in [0, 1].
+        reinsert_metal: copy X_ma's metal pixels into the output (for display).
+        residual_scale: the residual network sees clip(R / residual_scale, −1, 1) and its
+            output is multiplied back by residual_scale (cm⁻¹). Trainers must use the same.
+        image_size: the bundle's square image grid (pixels).
+        on_size_mismatch: other input sizes are resampled (bilinear, same field of view) to
+            ``image_size`` and the output back, or refused.
+        fbp_filter: filter of every FBP the pipeline runs (LI, X'_p).
+        metal_threshold: μ (cm⁻¹) above which a pixel is metal when no mask is given (2500 HU).
+        min_metal_px: connected metal components smaller than this are ignored.
+        batch_size: slices per network call.
+    """
+
+    steps: int = 20
+    residual_steps: int | None = None
+    mu_source: MuSource = "li"
+    use_clip: bool = True
+    run_image_sde: bool = True
+    run_sinogram_sde: bool = True
+    run_osro: bool = True
+    osro_fidelity: bool = True
+    norm1: bool = True
+    osro_residual: bool = True
+    norm2: bool = True
+    alpha: float = 0.5
+    reinsert_metal: bool = False
+    residual_scale: float = 0.5
+    image_size: int = 416
+    on_size_mismatch: SizePolicy = "resample"
+    fbp_filter: str = "ram-lak"
+    metal_threshold: float = 0.672
+    min_metal_px: int = 4
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "image_size", "batch_size", "min_metal_px"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"PipelineConfig: {name} must be a positive integer, got {value!r}"
+                )
+        if self.residual_steps is not None and (
+            not isinstance(self.residual_steps, int) or self.residual_steps < 1
+        ):
+            raise ValueError(
+                f"PipelineConfig: residual_steps must be None or a positive integer, "
+                f"got {self.residual_steps!r}"
+            )
+        if self.mu_source not in ("li", "ma"):
+            raise ValueError(
+                f"PipelineConfig: mu_source must be 'li' or 'ma', got {self.mu_source!r}"
+            )
+        if self.on_size_mismatch not in ("resample", "refuse"):
+            raise ValueError(
+                "PipelineConfig: on_size_mismatch must be 'resample' or 'refuse', "
+                f"got {self.on_size_mismatch!r}"
+            )
+        if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"PipelineConfig: alpha must lie in [0, 1], got {self.alpha!r}")
+        if not (math.isfinite(self.residual_scale) and self.residual_scale > 0):
+            raise ValueError(
+                f"PipelineConfig: residual_scale must be > 0, got {self.residual_scale!r}"
+            )
+        if not (math.isfinite(self.metal_threshold) and self.metal_threshold > 0):
+            raise ValueError(
+                f"PipelineConfig: metal_threshold must be > 0, got {self.metal_threshold!r}"
+            )
+
+    def residual_steps_for(self, steps: int) -> int:
+        """Steps of the residual loop when the DAPG loops run ``steps`` (``residual_steps``,
+        or ``steps`` when that is None)."""
+        return steps if self.residual_steps is None else self.residual_steps
+
+    def replace(self, **changes: Any) -> PipelineConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def ablation(self, name: str) -> PipelineConfig:
+        """The config of a named ablation (``ABLATIONS``): ``full`` is this config,
+        ``sde_only`` drops DuDoCLIP (zero embeddings), ``dapg_only`` drops OSRO."""
+        if name == "full":
+            return self
+        if name == "sde_only":
+            return self.replace(use_clip=False)
+        if name == "dapg_only":
+            return self.replace(run_osro=False)
+        raise ValueError(f"unknown ablation {name!r}; expected one of {ABLATIONS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; ``from_dict`` rebuilds it exactly."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
+        """Rebuild from ``to_dict`` output; unknown keys are refused by name."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"PipelineConfig.from_dict: unknown keys {unknown}")
+        return cls(**d)

@@ -1,0 +1,155 @@
+"""`mar-rt eval` on the official SynDeepLesion training files and on a small simulated set."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mar_rt.cli import app
+from mar_rt.ct import metrics
+from mar_rt.ct.mar import segment_metal
+from mar_rt.ct.projector import get_projector
+from mar_rt.ct.simulate import simulate_metal_artifact
+from mar_rt.ct.syndeeplesion import write_case
+from mar_rt.runtime.demo import small_geometry
+from mar_rt.runtime.evaluate import find_cases, group_key, resize_mask
+from tests.runtime._runtime_bundles import SMALL, micro_bundle, micro_bundle_sdl
+from tests.runtime.test_pipeline import _slice
+
+SHAPE_KEYS = {"methods", "cases", "bundle", "backend", "steps", "seconds"}
+
+
+def _check_shape(result, methods):
+    assert set(result) == SHAPE_KEYS
+    assert list(result["methods"]) == list(methods)
+    for m in methods:
+        s = result["methods"][m]
+        assert set(s) == {"psnr", "ssim", "groups"}
+        for g, v in s["groups"].items():
+            assert set(v) == {"psnr", "ssim", "n"} and v["n"] >= 1
+            assert g == group_key(_group_lo(g))
+        assert sum(v["n"] for v in s["groups"].values()) == len(result["cases"])
+    for row in result["cases"]:
+        assert set(row) == {"case", "metal_px", *methods}
+        for m in methods:
+            assert set(row[m]) == {"psnr", "ssim"}
+
+
+def _group_lo(key):
+    return int(key.rstrip("+").split("-")[0])
+
+
+def test_group_keys_cover_the_published_sizes():
+    assert group_key(2061) == "886+"
+    assert group_key(35) == "0-76" and group_key(53) == "0-76"
+    assert group_key(881) == group_key(451) == "339-885"
+    assert group_key(112) == group_key(118) == "77-120"
+
+
+def _eval_official(root, tmp_path, methods, *extra):
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(
+        app,
+        ["eval", str(root), "--json", str(out), "--methods", ",".join(methods), *map(str, extra)],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    _check_shape(result, methods)
+    return res, result
+
+
+def test_eval_official_files(sdl_case_129, tmp_path):
+    root = sdl_case_129.parents[1]  # .../syndeeplesion/train
+    methods = ["input", "li", "li_official", "nmar"]
+    res, result = _eval_official(root, tmp_path, methods)
+    assert result["bundle"] is None and result["steps"] is None and result["seconds"] > 0
+    names = [row["case"] for row in result["cases"]]
+    assert names == ["000129_03_01/115/80", "000195_02_02/202/0"]  # 000321 has no <k>.h5
+    for row in result["cases"]:
+        # independent figures: the official LI_CT against the gt image, computed here
+        with h5py.File(root / f"{row['case']}.h5") as f:
+            li_ct, ma_ct = f["LI_CT"][()], f["ma_CT"][()]
+        with h5py.File(root / row["case"].rsplit("/", 1)[0] / "gt.h5") as f:
+            gt = f["image"][()]
+        seg = segment_metal(torch.from_numpy(ma_ct)).numpy()
+        assert row["metal_px"] == int(seg.sum())
+        assert abs(int(seg.sum()) - int((ma_ct > 0.672).sum())) < 10
+        assert row["li_official"]["psnr"] == pytest.approx(metrics.psnr(li_ct, gt, seg), abs=1e-9)
+        assert row["li_official"]["ssim"] == pytest.approx(metrics.ssim(li_ct, gt, seg), abs=1e-9)
+        # LI and NMAR remove most of the artifact (DESIGN §9: LI is about +7 dB over X_ma)
+        assert row["li"]["psnr"] > row["input"]["psnr"] + 3
+        assert row["nmar"]["psnr"] > row["input"]["psnr"] + 3
+    mean_li_official = np.mean([row["li_official"]["psnr"] for row in result["cases"]])
+    assert result["methods"]["li_official"]["psnr"] == pytest.approx(mean_li_official)
+    assert "li_official" in res.output and "PSNR dB / SSIM" in res.output
+
+
+@pytest.mark.slow
+def test_eval_official_files_dudocrop(sdl_case_129, tmp_path_factory, tmp_path):
+    """DuDoCROP (micro untrained bundle, 1 step) at the full SynDeepLesion size."""
+    bundle = micro_bundle_sdl(tmp_path_factory)
+    methods = ["li_official", "dudocrop"]
+    _, result = _eval_official(
+        sdl_case_129.parents[1], tmp_path, methods, "--bundle", bundle, "--steps", 1,
+        "--backend", "torch", "--device", "cpu",
+    )  # fmt: skip
+    assert (result["steps"], result["backend"], result["bundle"]) == (1, "torch", str(bundle))
+    assert len(result["cases"]) == 2
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """Two simulated cases at 64² in the SynDeepLesion layout, plus testmask.npy (128², K=2)."""
+    root = tmp_path_factory.mktemp("sdl-small")
+    geometry = small_geometry(SMALL)
+    proj = get_projector(geometry, "cpu", torch.float32)
+    big = np.zeros((128, 128, 2), np.uint8)
+    big[60:70, 76:84, 0] = 1  # 80 px at 128² → 20 px at 64²
+    big[40:46, 30:50, 1] = 1
+    image = _slice(metal=False)
+    for k in range(2):
+        mask = torch.from_numpy(resize_mask(big[..., k], (SMALL, SMALL)))
+        sim = simulate_metal_artifact(image, mask, geometry=geometry, seed=k, projector=proj)
+        write_case(root / "case_a" / f"s{k}", sim, k=k)
+    np.save(root / "testmask.npy", big)
+    return root
+
+
+def test_eval_small_set_with_test_masks_and_ablations(small_set, tmp_path_factory, tmp_path):
+    bundle = micro_bundle(tmp_path_factory)
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(
+        app,
+        ["eval", str(small_set), "--json", str(out), "--bundle", str(bundle),
+         "--backend", "torch", "--methods", "input,li", "--ablations"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    methods = ["input", "li", "dudocrop", "sde_only", "dapg_only"]
+    _check_shape(result, methods)
+    assert result["steps"] == 2  # the bundle's default
+    assert [c.name for c in find_cases(small_set)] == ["case_a/s0/0", "case_a/s1/1"]
+    for k, row in enumerate(result["cases"]):
+        want = resize_mask(np.load(small_set / "testmask.npy")[..., k], (SMALL, SMALL)).sum()
+        assert row["metal_px"] == int(want)
+    # the three network variants differ from each other (different switches)
+    a, b, c = (result["cases"][0][m]["psnr"] for m in ("dudocrop", "sde_only", "dapg_only"))
+    assert len({a, b, c}) == 3
+
+
+def test_eval_refuses_bad_requests(small_set, tmp_path):
+    res = CliRunner().invoke(app, ["eval", str(tmp_path), "--methods", "input"])
+    assert res.exit_code == 1 and "no SynDeepLesion cases" in res.output
+    res = CliRunner().invoke(app, ["eval", str(small_set), "--methods", "input,bogus"])
+    assert res.exit_code == 1 and "unknown method" in res.output
+    res = CliRunner().invoke(
+        app, ["eval", str(small_set), "--methods", "dudocrop", "--bundle", str(tmp_path / "x")]
+    )
+    assert res.exit_code == 2 and "does not exist" in res.output
