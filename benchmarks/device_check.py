@@ -450,34 +450,147 @@ def _graph_timing(net: Any, x: Any, mu: Any, t: Any, cond: Any, repeats: int) ->
     return timing
 
 
-def pipeline(budget: Budget, repeats: int) -> dict:
-    """Full DuDoCROP latency on an untrained tiny bundle (if mar_rt.runtime.pipeline imports)."""
-    if not _cuda():
+def pipeline(
+    budget: Budget,
+    repeats: int,
+    *,
+    device: str = "cuda",
+    precisions: tuple[str, ...] = ("fp32", "fp16"),
+    configs: tuple[str, ...] = ("tiny", "paper"),
+    step_scale: float = 1.0,
+) -> dict:
+    """Full DuDoCROP latency per slice, fp16 vs fp32 after the full loop, and loop overhead.
+
+    Bundles: the shipped demo bundle (when present), an untrained ``tiny`` and an untrained
+    ``paper`` bundle. Input: the demo slice with a seeded simulated implant (measured
+    sinogram), so PSNR against the clean target is meaningful for the demo bundle.
+
+    Loop overhead = (image-SDE stage time − steps × one ``unet_image_step`` engine call −
+    one ``unet_image_cond`` call) / image-SDE stage time, the engine calls timed alone with
+    CUDA events on the same graphs.
+    """
+    if device == "cuda" and not _cuda():
         return {"status": "skipped: no CUDA"}
     import torch
 
+    from mar_rt.ct import metrics
+    from mar_rt.ct.geometry import FanBeamGeometry
+    from mar_rt.ct.masks import body_outline, generate_metal_mask
+    from mar_rt.ct.projector import Projector
+    from mar_rt.ct.simulate import simulate_metal_artifact
+    from mar_rt.runtime.bundle_access import DEMO_BUNDLE
     from mar_rt.runtime.demo import load_demo_slice, make_untrained_bundle
     from mar_rt.runtime.pipeline import DuDoCROPPipeline
 
-    out: dict[str, Any] = {}
+    geom = FanBeamGeometry.syndeeplesion()
+    target = load_demo_slice()
+    mask = generate_metal_mask(
+        geom.image_shape, seed=7, body_mask=body_outline(target), size_px=890
+    )
+    proj = Projector(geom, device=device)
+    sim = simulate_metal_artifact(
+        torch.as_tensor(target, device=device),
+        torch.as_tensor(mask, device=device),
+        geometry=geom,
+        seed=7,
+        projector=proj,
+    )
+    x_ma = sim["ma_CT"].float()
+    y_ma = sim["ma_sinogram"].float()
+    m = torch.as_tensor(mask, device=device)
+    out: dict[str, Any] = {"input": "demo slice + 890 px Ti implant (seed 7), measured sinogram"}
+    out["input_psnr"] = float(metrics.psnr(x_ma.cpu().numpy(), target, mask))
+    out["li_psnr"] = float(metrics.psnr(sim["LI_CT"].float().cpu().numpy(), target, mask))
+
+    def _sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def run(pipe: Any, steps: int) -> tuple[Any, float]:
+        pipe(x_ma, sinogram=y_ma, sinogram_is_measured=True, mask=m, steps=steps, seed=0)
+        _sync()
+        t0 = time.perf_counter()
+        res = pipe(x_ma, sinogram=y_ma, sinogram_is_measured=True, mask=m, steps=steps, seed=0)
+        _sync()
+        return res, time.perf_counter() - t0
+
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_untrained_bundle(Path(tmp) / "bundle", config="tiny")
-        pipe = DuDoCROPPipeline.from_bundle(path, backend="torch", device="cuda")
-        image = load_demo_slice()
-        for steps in (10, 100):
-            if not budget.ok(15):
-                out["truncated"] = True
-                break
-            pipe(image, steps=steps, seed=0)  # warm-up
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            result = pipe(image, steps=steps, seed=0)
-            torch.cuda.synchronize()
-            out[f"steps_{steps}"] = {
-                "latency_s": time.perf_counter() - t0,
-                "timings": {k: float(v) for k, v in getattr(result, "timings", {}).items()},
-            }
+        bundles: list[tuple[str, Path, tuple[int, ...]]] = []
+        if (Path(DEMO_BUNDLE) / "bundle.json").exists():
+            bundles.append(("demo", Path(DEMO_BUNDLE), (0, 100)))
+        for cfg in configs:
+            folder = make_untrained_bundle(Path(tmp) / cfg, config=cfg)
+            bundles.append((f"{cfg}_untrained", folder, (10, 100) if cfg == "tiny" else (10, 50)))
+        for name, path, step_list in bundles:
+            rec: dict[str, Any] = {}
+            out[name] = rec
+            outputs: dict[str, Any] = {}
+            for precision in precisions:
+                if not budget.ok(20):
+                    rec["truncated"] = True
+                    break
+                pipe = DuDoCROPPipeline.from_bundle(
+                    path, backend="torch", device=device, precision=precision
+                )
+                for steps in step_list:
+                    if not budget.ok(15):
+                        rec["truncated"] = True
+                        break
+                    steps = max(1, int((steps or pipe.config.steps) * step_scale))
+                    res, latency = run(pipe, steps)
+                    o = res.output.float().cpu().numpy().reshape(target.shape)
+                    outputs[(precision, steps)] = o
+                    entry = {
+                        "latency_s": latency,
+                        "timings": {k: float(v) for k, v in res.timings.items()},
+                        "psnr_vs_target": float(metrics.psnr(o, target, mask)),
+                        "ssim_vs_target": float(metrics.ssim(o, target, mask)),
+                        "fp32_reruns": list(getattr(res.qa, "fp32_reruns", []) or []),
+                    }
+                    entry["loop_overhead"] = _loop_overhead(pipe, res, steps, repeats)
+                    rec[f"{precision}_steps_{steps}"] = entry
+                pipe.close()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            for (prec, steps), o in outputs.items():
+                if prec == "fp16" and ("fp32", steps) in outputs:
+                    ref = outputs[("fp32", steps)]
+                    rec[f"fp16_vs_fp32_steps_{steps}"] = {
+                        "psnr_between_db": float(metrics.psnr(o, ref, mask)),
+                        "psnr_delta_vs_target_db": float(
+                            metrics.psnr(o, target, mask) - metrics.psnr(ref, target, mask)
+                        ),
+                    }
     return out
+
+
+def _loop_overhead(pipe: Any, res: Any, steps: int, repeats: int) -> dict:
+    import torch
+
+    graphs = pipe.graphs
+    step = graphs["unet_image_step"]
+    cond_graph = graphs["unet_image_cond"]
+    h, w = res.intermediates["x_li"].shape[-2:]
+    dev = res.output.device
+    d = cond_graph.input_specs["content_emb"].shape[-1]
+    emb = torch.zeros(1, d, device=dev)
+    cond = cond_graph.infer({"content_emb": emb, "artifact_emb": emb}, copy_outputs=True)["cond"]
+    x = torch.rand(1, 1, h, w, device=dev)
+    feed = {"x_t": x, "mu": x.clone(), "t": torch.full((1,), 50.0, device=dev), "cond": cond}
+    engine = _time_torch(lambda: step.infer(feed), repeats)["median_ms"] / 1e3
+    cond_t = (
+        _time_torch(lambda: cond_graph.infer({"content_emb": emb, "artifact_emb": emb}), repeats)[
+            "median_ms"
+        ]
+        / 1e3
+    )
+    loop = float(res.timings["image_sde"])
+    return {
+        "image_sde_s": loop,
+        "engine_step_s": engine,
+        "cond_s": cond_t,
+        "overhead_fraction": (loop - steps * engine - cond_t) / loop if loop > 0 else None,
+    }
 
 
 def gpu_tests(budget: Budget) -> dict:
@@ -536,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         ("kernel_timings", 100, lambda b: kernel_timings(b, r)),
         ("sde_step", 20, lambda b: sde_step_section(b, r)),
         ("unet_step", 60, lambda b: unet_step(b, r)),
-        ("pipeline", 40, lambda b: pipeline(b, 5)),
+        ("pipeline", 200, lambda b: pipeline(b, 10)),
         ("gpu_tests", 60, gpu_tests),
     ]
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "sections": {}}
