@@ -30,13 +30,17 @@ def _choose_backend(requested: str, device: str | None, bundle: Path) -> tuple[s
 
 
 def _open_pipeline(bundle: Path, backend: str, device: str) -> Any:
-    """The pipeline on ``backend``; a backend that fails to build falls back to torch."""
-    from mar_rt.errors import BackendUnavailableError
+    """The pipeline on ``backend``; a backend that cannot run this bundle falls back to torch.
+
+    That covers a missing library (BackendUnavailableError), a bundle without exported ONNX
+    (BundleError) and missing or foreign engines (EngineMismatchError).
+    """
+    from mar_rt.errors import BackendUnavailableError, BundleError, EngineMismatchError
     from mar_rt.runtime.pipeline import DuDoCROPPipeline
 
     try:
         return DuDoCROPPipeline.from_bundle(bundle, backend=backend, device=device)
-    except BackendUnavailableError as exc:
+    except (BackendUnavailableError, BundleError, EngineMismatchError) as exc:
         if backend == "torch":
             raise
         typer.echo(f"backend {backend} failed ({exc}); falling back to torch on {device}")
