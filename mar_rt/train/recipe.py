@@ -1,0 +1,735 @@
+"""Train a whole bundle in order, with per-stage time budgets (DESIGN.md §7–§9).
+
+Stages (each a function; the budget of a stage is its share of the time still left):
+
+    1. data            clean slices → training pairs (simulated, cached) and the validation set
+    2. clip_image      DuDoCLIP on x(X_ma);   3. clip_sinogram   DuDoCLIP on y(Y_ma)
+    4. embeddings      content/artifact embeddings of every pair, computed once
+    5. unet_image      IR-SDE, μ = x(X_LI) (``pipeline.mu_source``), target x(X)
+    6. unet_sinogram   IR-SDE, μ = y(Y_LI), target y(Y), loss weighted to the trace
+    7. residual_data   the real pipeline (DAPG + OSRO steps 1–2) on training pairs → R, X'_p
+    8. unet_residual   IR-SDE, μ = R/scale, target (X − X'_p)/scale
+    9. tune            sampling steps, α and OSRO switches on validation cases
+   10. bundle          ``bundle.json`` + fp16 safetensors + ``train_report.json``
+
+A bundle is saved after stages 5, 6 and 8 with the pipeline switched to what is trained so far
+(untrained U-Nets are stored at their random initialisation and switched off), so a run cut
+short still leaves a usable bundle. Validation during training and stages 7 and 9 run
+``mar_rt.runtime.pipeline.DuDoCROPPipeline`` — the one place ``train`` imports ``runtime``
+(an allowed exception: validation must go through the real pipeline).
+
+Checkpoints live in ``<work>/ckpt``; ``resume`` skips finished stages and continues a
+U-Net run from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mar_rt.ct import metrics
+from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.errors import MarRtError
+from mar_rt.models.bundle import save_bundle
+from mar_rt.models.sde import SDEConfig, make_schedule
+from mar_rt.models.unet import ConditionalUNet, UNetConfig
+from mar_rt.train import data as D
+from mar_rt.train.clip_trainer import ClipTrainConfig, embed, train_clip
+from mar_rt.train.sde_trainer import SDETrainConfig, train_sde
+from mar_rt.train.sources import CleanSlice, load_clean_slices
+
+log = logging.getLogger(__name__)
+
+STAGES = (
+    "data", "clip_image", "clip_sinogram", "unet_image", "unet_sinogram",
+    "residual_data", "unet_residual", "tune",
+)  # fmt: skip
+NETWORKS = ("clip_image", "clip_sinogram", "unet_image", "unet_sinogram", "unet_residual")
+REPORT = "train_report.json"
+
+
+# --- configurations ------------------------------------------------------------------------------
+def demo_clip_config() -> Any:
+    """The demo bundle's DuDoCLIP: ViT 112² / patch 16, width 128, 4 blocks; text width 32,
+    2 blocks; D = 128 (3.4 M parameters, 6.8 MB in fp16).
+
+    Smaller than ``DuDoCLIPConfig.tiny()`` (13 M parameters, 26 MB in fp16 each, mostly the
+    frozen 49408 × 128 token table), which would not fit two DuDoCLIPs in the ≤ 25 MB demo bundle.
+    """
+    from mar_rt.models.dudoclip import DuDoCLIPConfig
+
+    return DuDoCLIPConfig(
+        embed_dim=128,
+        image_size=112,
+        vision_cfg={"layers": 4, "width": 128, "head_width": 32, "patch_size": 16},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecipeConfig:
+    """Everything one bundle's training run needs (saved in ``train_report.json``).
+
+    ``budget``: relative share of the total time per stage (``STAGES``); ``residual_pairs``:
+    training pairs run through the pipeline for the residual net; ``residual_loop_steps``: the
+    DAPG sampling steps used for them; ``val_cases``: validation cases used while training;
+    ``tune_steps``: sampling-step candidates of stage 9 (``tune_cases`` cases each; 0 = all);
+    ``cache_pairs``: write training pairs to ``<work>/cache`` (off on GPUs, where simulating is
+    cheaper than compressing).
+    """
+
+    name: str
+    clip: Any
+    unet: UNetConfig
+    sde: SDEConfig
+    data: D.DataConfig
+    clip_train: ClipTrainConfig
+    image: SDETrainConfig
+    sinogram: SDETrainConfig
+    residual: SDETrainConfig
+    pipeline: Any  # mar_rt.runtime.config.PipelineConfig
+    budget: tuple[tuple[str, float], ...]
+    residual_pairs: int = 32
+    residual_loop_steps: int = 10
+    val_cases: int = 4
+    tune_steps: tuple[int, ...] = (10,)
+    tune_cases: int = 0
+    store_fp16: bool = True
+    cache_pairs: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if hasattr(v, "to_dict") else (
+                dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            )  # fmt: skip
+        return json.loads(json.dumps(out, default=str))
+
+
+def recipe_config(name: str = "tiny", *, device: str = "cpu", seed: int = 0) -> RecipeConfig:
+    """Presets: ``tiny`` (the demo bundle; batch sizes and counts scaled for CUDA or CPU, or
+    forced with ``tiny-gpu`` / ``tiny-cpu``),
+    ``paper`` (ViT-B/32 + nf 64; for real hardware) and ``smoke`` (minutes-free end-to-end
+    check: one pair, a few steps, toy networks)."""
+    from mar_rt.models.dudoclip import DuDoCLIPConfig
+    from mar_rt.runtime.config import PipelineConfig
+
+    gpu = torch.device(device).type == "cuda"
+    if name in ("tiny-gpu", "tiny-cpu"):  # the tiny preset sized for the other device kind
+        name, gpu = "tiny", name == "tiny-gpu"
+    budget = (
+        ("data", 0.18), ("clip_image", 0.06), ("clip_sinogram", 0.06), ("unet_image", 0.30),
+        ("unet_sinogram", 0.16), ("residual_data", 0.05), ("unet_residual", 0.12), ("tune", 0.07),
+    )  # fmt: skip
+    sde = SDEConfig(T=100, max_sigma=10.0)
+    pipeline = PipelineConfig(steps=10, mu_source="li", alpha=0.5, batch_size=4 if gpu else 2)
+    if name == "tiny":
+        clip = demo_clip_config()
+        unet = UNetConfig.tiny(context_dim=clip.embed_dim)
+        if gpu:
+            data = D.DataConfig(masks_per_slice=48, phantoms=48, phantom_masks=4, seed=seed)
+            clip_train = ClipTrainConfig(steps=1500, batch=64, lr=2e-4, seed=seed)
+            img = SDETrainConfig(
+                steps=20000,
+                batch=24,
+                patch=128,
+                lr=3e-4,
+                seed=seed,
+                val_every=1500,
+                ckpt_every=1000,
+            )
+            sino = dataclasses.replace(img, seed=seed + 1)
+            res = dataclasses.replace(img, seed=seed + 2)
+            extra = {
+                "residual_pairs": 192,
+                "residual_loop_steps": 10,
+                "val_cases": 8,
+                "tune_steps": (5, 10, 20),
+                "cache_pairs": False,
+            }
+        else:
+            data = D.DataConfig(masks_per_slice=6, phantoms=8, phantom_masks=2, seed=seed)
+            clip_train = ClipTrainConfig(steps=400, batch=16, lr=2e-4, seed=seed)
+            img = SDETrainConfig(
+                steps=5000, batch=6, patch=96, lr=3e-4, seed=seed, val_every=0, ckpt_every=100
+            )
+            sino = dataclasses.replace(img, seed=seed + 1)
+            res = dataclasses.replace(img, seed=seed + 2)
+            extra = {
+                "residual_pairs": 8,
+                "residual_loop_steps": 5,
+                "val_cases": 2,
+                "tune_steps": (5,),
+                "tune_cases": 4,
+            }
+    elif name == "smoke":
+        from mar_rt.models.dudoclip import DuDoCLIPConfig
+
+        clip = DuDoCLIPConfig(
+            embed_dim=16, image_size=32,
+            vision_cfg={"layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+            text_cfg={
+                "context_length": 77, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1,
+            },
+        )  # fmt: skip
+        # four levels, so self-attention only runs at 1/8 resolution (6480 tokens on a sinogram)
+        unet = UNetConfig(
+            nf=4, ch_mult=(1, 1, 2, 2), num_res_blocks=1, context_dim=16, time_sin_dim=8,
+            time_dim=16, prompt_len=8, attn_head_dim=8, linear_attn_heads=1,
+            linear_attn_head_dim=8, transformer_levels=(3,), norm_groups=4,
+        )  # fmt: skip
+        data = D.DataConfig(
+            masks_per_slice=1, phantoms=0, phantom_masks=0, seed=seed, val_sizes=(451,)
+        )
+        clip_train = ClipTrainConfig(steps=3, batch=2, seed=seed, log_every=0)
+        img = SDETrainConfig(
+            steps=3, batch=2, patch=32, warmup=1, seed=seed, log_every=0, val_every=2
+        )
+        sino = dataclasses.replace(img, seed=seed + 1)
+        res = dataclasses.replace(img, seed=seed + 2)
+        extra = {"residual_pairs": 1, "residual_loop_steps": 2, "val_cases": 1, "tune_steps": (2,)}
+        pipeline = PipelineConfig(steps=2, mu_source="li", alpha=0.5, batch_size=1)
+    elif name == "paper":
+        clip = DuDoCLIPConfig.paper()
+        unet = UNetConfig.paper(context_dim=clip.embed_dim)
+        data = D.DataConfig(masks_per_slice=90, phantoms=200, phantom_masks=10, seed=seed)
+        clip_train = ClipTrainConfig(steps=20000, batch=128, lr=3e-5, seed=seed)
+        img = SDETrainConfig(
+            steps=200000, batch=16, patch=128, lr=1e-4, seed=seed, val_every=5000, ckpt_every=2000
+        )
+        sino = dataclasses.replace(img, seed=seed + 1)
+        res = dataclasses.replace(img, seed=seed + 2)
+        sde = SDEConfig(T=100, max_sigma=10.0)
+        extra = {"residual_pairs": 2000, "val_cases": 20, "tune_steps": (20, 50, 100)}
+        pipeline = PipelineConfig(steps=50, mu_source="li", alpha=0.5, batch_size=4)
+    else:
+        raise ValueError(
+            f"unknown recipe config {name!r}; choose tiny, tiny-gpu, tiny-cpu, paper or smoke"
+        )
+    return RecipeConfig(
+        name=name, clip=clip, unet=unet, sde=sde, data=data, clip_train=clip_train, image=img,
+        sinogram=sino, residual=res, pipeline=pipeline, budget=budget, **extra,
+    )  # fmt: skip
+
+
+# --- time budgets --------------------------------------------------------------------------------
+class Clock:
+    """Splits the time left among the stages still to run, in proportion to their shares."""
+
+    def __init__(self, total_minutes: float | None, budget: Sequence[tuple[str, float]]) -> None:
+        self.t0 = time.monotonic()
+        self.total = None if total_minutes is None else 60.0 * total_minutes
+        self.share = dict(budget)
+
+    def left(self) -> float | None:
+        return None if self.total is None else max(0.0, self.total - (time.monotonic() - self.t0))
+
+    def stage_minutes(self, stage: str) -> float | None:
+        """Minutes for ``stage``: its share of the time left among it and the later stages."""
+        if self.total is None:
+            return None
+        later = STAGES[STAGES.index(stage) :]
+        weight = sum(self.share.get(s, 0.0) for s in later)
+        return max(0.05, (self.left() or 0.0) * self.share.get(stage, 0.0) / max(weight, 1e-9) / 60)
+
+    def deadline(self, stage: str) -> float | None:
+        m = self.stage_minutes(stage)
+        return None if m is None else time.monotonic() + 60.0 * m
+
+
+# --- bundle --------------------------------------------------------------------------------------
+def bundle_config(recipe: RecipeConfig, pipeline: Any) -> dict[str, Any]:
+    """The ``save_bundle`` config sections for ``recipe`` with ``pipeline``."""
+    from mar_rt.models import prompts
+
+    return {
+        "sde": recipe.sde,
+        "prompt_version": prompts.PROMPT_VERSION,
+        "geometry": FanBeamGeometry.syndeeplesion().to_dict(),
+        "normalisation": {
+            "image": "x = clip(mu, 0, 0.5) / 0.5",
+            "sinogram": "y = clip(p, 0, 4) / 4",
+            "residual": f"r = clip(R / {pipeline.residual_scale}, -1, 1)",
+        },
+        "pipeline": pipeline.to_dict(),
+    }
+
+
+def write_bundle(
+    out: str | os.PathLike[str],
+    recipe: RecipeConfig,
+    nets: dict[str, torch.nn.Module],
+    pipeline: Any,
+) -> Path:
+    """Save the five networks (fp16 copies when ``recipe.store_fp16``) and the config."""
+    modules = {}
+    for name in NETWORKS:
+        m = copy.deepcopy(nets[name]).to("cpu").eval()
+        modules[name] = m.half() if recipe.store_fp16 else m
+    return save_bundle(out, bundle_config(recipe, pipeline), modules, overwrite=True)
+
+
+def stage_pipeline(pipeline: Any, trained: set[str]) -> Any:
+    """The pipeline config a partly trained bundle ships with: loops without a trained net
+    are off, OSRO needs the sinogram net, the residual loop its net."""
+    cfg = pipeline.replace(
+        run_image_sde="unet_image" in trained, run_sinogram_sde="unet_sinogram" in trained
+    )
+    if "unet_sinogram" not in trained:
+        cfg = cfg.replace(run_osro=False)
+    if "unet_residual" not in trained:
+        cfg = cfg.replace(osro_residual=False)
+    return cfg
+
+
+# --- validation through the real pipeline --------------------------------------------------------
+def spread_cases(metas: Sequence[D.PairMeta], n: int) -> list[int]:
+    """``n`` validation case indices spread over sizes and slices (deterministic)."""
+    order = sorted(range(len(metas)), key=lambda i: (metas[i].k, metas[i].slice_id))
+    if n <= 0 or n >= len(order):
+        return order
+    pick = np.linspace(0, len(order) - 1, n).round().astype(int)
+    return [order[i] for i in pick]
+
+
+@torch.no_grad()
+def run_pipeline(
+    bundle: str | os.PathLike[str], pairs: D.PairSet, config: Any, *, device: str,
+    steps: int | None = None, seed: int = 0, intermediates: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """The real pipeline on ``pairs`` (measured ``ma_sinogram``, given masks) → (outputs (N, H, W)
+    on CPU, intermediates on CPU if asked)."""
+    from mar_rt.runtime.pipeline import DuDoCROPPipeline
+
+    f = pairs.fields
+    outs, inter = [], {}
+    with DuDoCROPPipeline.from_bundle(bundle, device=device, config=config) as pipe:
+        bs = config.batch_size
+        for i in range(0, len(pairs), bs):
+            sl = slice(i, i + bs)
+            res = pipe(
+                f["ma_CT"][sl].to(device), sinogram=f["ma_sinogram"][sl].to(device),
+                sinogram_is_measured=True, mask=f["mask"][sl].to(device), steps=steps, seed=seed,
+                return_intermediates=intermediates,
+            )  # fmt: skip
+            outs.append(res.output.cpu().clone())
+            for k, v in res.intermediates.items():
+                inter.setdefault(k, []).append(v.cpu().clone())
+    return torch.cat(outs), {k: torch.cat(v) for k, v in inter.items()}
+
+
+def score(images: torch.Tensor, pairs: D.PairSet) -> dict[str, float]:
+    """Mean PSNR / SSIM (SynDeepLesion convention) of ``images`` against the pairs' targets."""
+    target, mask = pairs.fields["image"].cpu(), pairs.fields["mask"].cpu()
+    p = np.atleast_1d(metrics.psnr(images, target, mask))
+    s = np.atleast_1d(metrics.ssim(images, target, mask))
+    return {"psnr": float(p.mean()), "ssim": float(s.mean())}
+
+
+def domain_val_config(pipeline: Any, domain: str) -> Any:
+    """What the pipeline runs to judge one U-Net: image → X_p only; sinogram → X'_p = FBP(Y_f)
+    only; residual → the full pipeline."""
+    if domain == "image":
+        return pipeline.replace(run_sinogram_sde=False, run_osro=False)
+    if domain == "sinogram":
+        return pipeline.replace(
+            run_image_sde=False, run_osro=True, osro_residual=False, norm2=False, alpha=1.0
+        )
+    return pipeline
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """State of one recipe run (what later stages and the report need)."""
+
+    recipe: RecipeConfig
+    device: str
+    work: Path
+    out: Path
+    resume: bool
+    progress: bool
+    clock: Clock
+    stages: tuple[str, ...] = STAGES
+    nets: dict[str, torch.nn.Module] = field(default_factory=dict)
+    trained: set[str] = field(default_factory=set)
+    report: dict[str, Any] = field(default_factory=dict)
+    train: D.PairSet | None = None
+    val: D.PairSet | None = None
+    emb: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def ckpt(self, name: str) -> Path:
+        (self.work / "ckpt").mkdir(parents=True, exist_ok=True)
+        return self.work / "ckpt" / name
+
+    def save(self, pipeline: Any | None = None) -> Path:
+        cfg = pipeline or stage_pipeline(self.recipe.pipeline, self.trained)
+        path = write_bundle(self.out, self.recipe, self.nets, cfg)
+        self.report["pipeline"] = cfg.to_dict()
+        self.report["trained"] = sorted(self.trained)
+        write_report(self.out, self.report)
+        return path
+
+    def load(self, stage: str) -> bool:
+        """Reuse ``stage``'s checkpoint: it finished before and we resume or do not rerun it
+        (its earlier report entry is kept, marked ``reused``)."""
+        marker = self.ckpt(f"{stage}.done")
+        if not (marker.is_file() and (self.resume or stage not in self.stages)):
+            return False
+        info = json.loads(marker.read_text())
+        self.report.setdefault("stages", {}).setdefault(stage, {**info, "reused": True})
+        return True
+
+    def stage_done(self, stage: str, seconds: float, **info: Any) -> None:
+        self.report.setdefault("stages", {})[stage] = {"seconds": round(seconds, 2), **info}
+        self.ckpt(f"{stage}.done").write_text(json.dumps(self.report["stages"][stage]))
+        log.info("stage %s done in %.1f s", stage, seconds)
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> None:
+    tmp = folder / f".{REPORT}.tmp"
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, folder / REPORT)
+
+
+def _stage_data(run: Run, slices: Sequence[CleanSlice]) -> None:
+    t0 = time.monotonic()
+    r = run.recipe
+    dev = run.device
+    phantoms = D.phantom_slices(r.data.phantoms, r.data.seed)
+    train_slices, val_slices = D.split_slices(list(slices) + phantoms, r.data.val_ids)
+    if not val_slices:
+        log.warning("no validation slices among the sources (%s)", r.data.val_ids)
+    deadline = run.clock.deadline("data")
+    run.val = (
+        D.write_validation_set(
+            val_slices, run.work / "val", seed=r.data.seed, device=dev, sizes=r.data.val_sizes
+        )
+        if val_slices else None
+    )  # fmt: skip
+    run.train = D.generate_pairs(
+        train_slices, D.training_jobs(train_slices, r.data), seed=r.data.seed, device=dev,
+        cache_dir=run.work / "cache" / "train" if r.cache_pairs else None, deadline=deadline,
+        min_pairs=len(train_slices),
+        progress=(lambda i, n: log.info("data: pair %d/%d", i, n)) if run.progress else None,
+    )  # fmt: skip
+    D.check_no_validation(run.train.metas, r.data.val_ids)
+    run.stage_done(
+        "data", time.monotonic() - t0, train_pairs=len(run.train),
+        train_slices=sorted({m.slice_id for m in run.train.metas}),
+        val_cases=0 if run.val is None else len(run.val),
+        val_slices=[s.slice_id for s in val_slices],
+        sources={s.slice_id: s.source for s in list(slices) + phantoms[:1]},
+    )  # fmt: skip
+
+
+def _stage_clip(run: Run, domain: str) -> None:
+    from mar_rt.models.dudoclip import DuDoCLIP
+
+    name = f"clip_{domain}"
+    r = run.recipe
+    model = DuDoCLIP(r.clip, seed=r.data.seed + (0 if domain == "image" else 1)).to(run.device)
+    ck = run.ckpt(f"{name}.pt")
+    if run.load(name) and ck.is_file():
+        model.load_state_dict(torch.load(ck, map_location=run.device, weights_only=True))
+        log.info("%s: loaded from %s", name, ck)
+    elif name not in run.stages:
+        raise MarRtError(f"{name} is needed but not trained yet (run `mar-rt train clip` first)")
+    else:
+        t0 = time.monotonic()
+        cfg = dataclasses.replace(r.clip_train, max_minutes=run.clock.stage_minutes(name))
+        val_inputs = D.clip_inputs(run.val, domain) if run.val is not None else None
+        res = train_clip(
+            model, D.clip_inputs(run.train, domain), run.train.metas, cfg, domain=domain,
+            val_inputs=val_inputs, val_metas=None if run.val is None else run.val.metas,
+            progress=run.progress,
+        )  # fmt: skip
+        torch.save(model.state_dict(), ck)
+        run.stage_done(
+            name, time.monotonic() - t0, steps=res.steps, loss_first=res.losses[:5],
+            loss_last=res.losses[-5:], zero_shot=res.zero_shot,
+        )  # fmt: skip
+    model.eval().requires_grad_(False)
+    run.nets[name] = model
+    run.emb[domain] = embed(model, D.clip_inputs(run.train, domain))
+    if run.val is not None:
+        run.emb[f"val_{domain}"] = embed(model, D.clip_inputs(run.val, domain))
+
+
+def _new_unet(run: Run, domain: str) -> ConditionalUNet:
+    offset = {"image": 10, "sinogram": 11, "residual": 12}[domain]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.recipe.data.seed + offset)
+        return ConditionalUNet(run.recipe.unet)
+
+
+def _validator(run: Run, domain: str):
+    """Validation through the real pipeline on ``val_cases`` cases (EMA weights)."""
+    if run.val is None or run.recipe.val_cases == 0:
+        return None
+    pairs = run.val.subset(spread_cases(run.val.metas, run.recipe.val_cases))
+    folder = run.work / "val_bundle"
+    cfg = domain_val_config(
+        stage_pipeline(run.recipe.pipeline, run.trained | {f"unet_{domain}"}), domain
+    )
+
+    def validate(ema: torch.nn.Module, step: int) -> dict[str, Any]:
+        try:
+            nets = dict(run.nets)
+            nets[f"unet_{domain}"] = ema
+            write_bundle(folder, run.recipe, nets, cfg)
+            out, inter = run_pipeline(folder, pairs, cfg, device=run.device, intermediates=True)
+            res = score(out, pairs) | {f"li_{k}": v for k, v in score(inter["x_li"], pairs).items()}
+            log.info(
+                "unet_%s step %d: val PSNR %.2f dB (LI %.2f), SSIM %.4f (LI %.4f)",
+                domain, step, res["psnr"], res["li_psnr"], res["ssim"], res["li_ssim"],
+            )  # fmt: skip
+            return res
+        except (ImportError, MarRtError, RuntimeError, ValueError) as err:
+            log.warning("unet_%s: validation through the pipeline failed: %s", domain, err)
+            return {"error": str(err)}
+
+    return validate
+
+
+def _domain_data(run: Run, domain: str) -> D.DomainData:
+    r = run.recipe
+    if domain == "image":
+        c, a = run.emb["image"]
+        return D.image_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
+    c, a = run.emb["sinogram"]
+    return D.sinogram_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
+
+
+def _stage_unet(run: Run, domain: str, make_data: Callable[[], D.DomainData]) -> None:
+    name = f"unet_{domain}"
+    r = run.recipe
+    cfg = getattr(r, domain)
+    ck = run.ckpt(f"{name}.pt")
+    unet = _new_unet(run, domain).to(run.device)
+    t0 = time.monotonic()
+    if run.load(name) and ck.is_file():
+        state = torch.load(ck, map_location=run.device, weights_only=True)
+        unet.load_state_dict(state["ema"])
+        run.nets[name] = unet.eval()
+        run.trained.add(name)
+        log.info("%s: loaded EMA weights from %s", name, ck)
+        return
+    if name not in run.stages:
+        return
+    cfg = dataclasses.replace(cfg, max_minutes=run.clock.stage_minutes(name))
+    ema, res = train_sde(
+        unet, make_data(), make_schedule(r.sde), cfg, name=name, checkpoint=ck, resume=run.resume,
+        validate=_validator(run, domain), progress=run.progress,
+    )  # fmt: skip
+    run.nets[name] = ema.eval()
+    run.trained.add(name)
+    run.stage_done(
+        name, time.monotonic() - t0, steps=res.steps, loss_first=res.losses[:5],
+        loss_last_mean=float(np.mean(res.losses[-50:])) if res.losses else None, val=res.val,
+        parameters=sum(p.numel() for p in unet.parameters()),
+    )  # fmt: skip
+    run.report.setdefault("loss_curves", {})[name] = _thin(res.losses)
+    run.save()
+
+
+def _thin(values: Sequence[float], n: int = 200) -> list[list[float]]:
+    """[step, mean loss] at ≤ n points (block means) for the report."""
+    if not values:
+        return []
+    blocks = np.array_split(np.asarray(values, dtype=np.float64), min(n, len(values)))
+    out, step = [], 0
+    for b in blocks:
+        step += len(b)
+        out.append([step, round(float(b.mean()), 6)])
+    return out
+
+
+def _stage_residual_data(run: Run) -> D.DomainData:
+    t0 = time.monotonic()
+    r = run.recipe
+    n = min(r.residual_pairs, len(run.train))
+    idx = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(r.data.seed))[
+        :n
+    ].tolist()
+    deadline = run.clock.deadline("residual_data")
+    cfg = stage_pipeline(r.pipeline, run.trained).replace(osro_residual=False)
+    folder = run.work / "val_bundle"
+    write_bundle(folder, r, run.nets, cfg)
+    chunks, done = [], []
+    step = max(cfg.batch_size, 1) * 2
+    for i in range(0, n, step):
+        if deadline is not None and time.monotonic() > deadline and done:
+            log.warning("residual_data: time budget reached after %d of %d pairs", len(done), n)
+            break
+        part = idx[i : i + step]
+        _, inter = run_pipeline(
+            folder, run.train.subset(part), cfg, device=run.device, steps=r.residual_loop_steps,
+            seed=r.data.seed, intermediates=True,
+        )  # fmt: skip
+        chunks.append(inter)
+        done += part
+    inter = {k: torch.cat([c[k] for c in chunks]) for k in ("residual", "x_p_prime")}
+    sel = torch.as_tensor(done)
+    dev = run.device
+    c, a = run.emb["image"]
+    f = run.train.fields
+    data = D.residual_domain(
+        f["image"][sel.to(f["image"].device)].to(dev), inter["x_p_prime"].to(dev),
+        inter["residual"].to(dev), f["mask"][sel.to(f["mask"].device)].to(dev),
+        c[sel.to(c.device)], a[sel.to(a.device)], scale=r.pipeline.residual_scale,
+    )  # fmt: skip
+    run.stage_done(
+        "residual_data", time.monotonic() - t0, pairs=len(done), steps=r.residual_loop_steps
+    )
+    return data
+
+
+def _variants(inter: dict[str, torch.Tensor], pairs: D.PairSet) -> list[dict[str, Any]]:
+    """Scores of OSRO variants recomputed from one full run's intermediates (the same
+    ``mar_rt.runtime.osro`` formulas): α ∈ {0, ¼, ½, ¾, 1} × residual on/off × Norm² on/off."""
+    from mar_rt.runtime import osro
+
+    valid = ~pairs.fields["mask"].cpu()
+    x_p, x_pp, r_hat = inter["x_p"], inter["x_p_prime"], inter["residual_hat"]
+    rows = []
+    for residual in (True, False):
+        x_hat = x_pp + r_hat if residual else x_pp
+        for norm2 in (True, False):
+            xn = osro.match_stats(x_hat, x_p, valid) if norm2 else x_hat
+            for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
+                s = score(osro.fuse(xn, x_p, alpha), pairs)
+                rows.append({"osro_residual": residual, "norm2": norm2, "alpha": alpha, **s})
+    return rows
+
+
+def _stage_tune(run: Run) -> Any:
+    """Pick steps, α, Norm² and the residual switch on validation cases (mean PSNR)."""
+    t0 = time.monotonic()
+    r = run.recipe
+    base = stage_pipeline(r.pipeline, run.trained)
+    if run.val is None or not base.run_osro:
+        return base
+    pairs = run.val.subset(spread_cases(run.val.metas, r.tune_cases))
+    folder = run.work / "val_bundle"
+    write_bundle(folder, r, run.nets, base)
+    deadline = run.clock.deadline("tune")
+    table, best = [], None
+    for steps in r.tune_steps:
+        if deadline is not None and time.monotonic() > deadline and table:
+            break
+        _, inter = run_pipeline(
+            folder, pairs, base, device=run.device, steps=steps, intermediates=True
+        )
+        li = score(inter["x_li"], pairs)
+        xp = score(inter["x_p"], pairs)
+        for row in _variants(inter, pairs):
+            row = {"steps": steps, **row}
+            table.append(row)
+            if best is None or row["psnr"] > best["psnr"]:
+                best = row
+        table.append({"steps": steps, "li": li, "dapg_only": xp})
+    if best is None:
+        return base
+    cfg = base.replace(
+        steps=best["steps"], alpha=best["alpha"], norm2=best["norm2"],
+        osro_residual=best["osro_residual"] and "unet_residual" in run.trained,
+    )  # fmt: skip
+    run.stage_done("tune", time.monotonic() - t0, cases=len(pairs), table=table, chosen=best)
+    return cfg
+
+
+def _guarded(run: Run, stage: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, or None after logging and recording a pipeline failure in the report."""
+    try:
+        return fn()
+    except (MarRtError, RuntimeError, ValueError) as err:
+        log.error("stage %s failed (%s); keeping what is trained so far", stage, err)
+        run.report.setdefault("errors", {})[stage] = repr(err)
+        return None
+
+
+def train_bundle(
+    sources: str | os.PathLike[str] | Sequence[CleanSlice],
+    out: str | os.PathLike[str],
+    *,
+    recipe: RecipeConfig,
+    device: str = "cpu",
+    max_minutes: float | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stages: Sequence[str] = STAGES,
+) -> dict[str, Any]:
+    """Train every network of a bundle from clean slices ``sources`` (a folder, see
+    ``load_clean_slices``, or CleanSlices) and write the bundle to ``out``.
+
+    ``max_minutes`` is the whole run's wall-time budget (None: the recipe's step counts);
+    ``work_dir`` (default ``<out>.work``) holds the pair cache, the validation set (``val/``,
+    readable by ``mar-rt eval``) and checkpoints. Returns the training report (also written to
+    ``out/train_report.json``).
+    """
+    out = Path(out)
+    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {STAGES}")
+    clock = Clock(max_minutes, [(s, w) for s, w in recipe.budget if s in stages or s == "data"])
+    run = Run(recipe, device, work, out, resume, progress, clock, tuple(stages))
+    run.report = {
+        "recipe": recipe.to_dict(), "device": device, "max_minutes": max_minutes,
+        "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "work_dir": str(work),
+    }  # fmt: skip
+    if torch.device(device).type == "cuda":
+        run.report["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    slices = (
+        load_clean_slices(sources) if isinstance(sources, (str, os.PathLike)) else list(sources)
+    )
+    _stage_data(run, slices)
+    if not set(run.stages) - {"data"}:
+        return run.report
+    unets_wanted = any(not st.startswith("clip_") for st in run.stages if st != "data")
+    for domain in ("image", "sinogram"):
+        if f"clip_{domain}" in run.stages or unets_wanted:
+            _stage_clip(run, domain)
+    if not unets_wanted:
+        return run.report
+    for domain in ("image", "sinogram", "residual"):
+        run.nets[f"unet_{domain}"] = _new_unet(run, domain).to(device).eval()
+    _stage_unet(run, "image", lambda: _domain_data(run, "image"))
+    _stage_unet(run, "sinogram", lambda: _domain_data(run, "sinogram"))
+    if {"unet_image", "unet_sinogram"} <= run.trained:
+        # these two stages run the runtime's pipeline: a failure there keeps what is trained
+        _guarded(
+            run,
+            "unet_residual",
+            lambda: _stage_unet(run, "residual", lambda: _stage_residual_data(run)),
+        )
+    elif "unet_residual" in run.stages:
+        raise MarRtError("the residual U-Net needs trained image and sinogram U-Nets first")
+    if not run.trained:
+        return run.report
+    final = stage_pipeline(recipe.pipeline, run.trained)
+    if "tune" in run.stages:
+        final = _guarded(run, "tune", lambda: _stage_tune(run)) or final
+    run.report["seconds"] = round(time.monotonic() - run.clock.t0, 1)
+    run.save(final)
+    log.info("bundle written to %s (%.1f min)", out, run.report["seconds"] / 60)
+    return run.report

@@ -1,0 +1,149 @@
+"""Training data: split, seeds, augmentation geometry (against the projector), batches, cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.projector import forward_project
+from mar_rt.ct.syndeeplesion import read_case, read_gt
+from mar_rt.errors import BadInputError
+from mar_rt.train import data as D
+from mar_rt.train.phantoms import ellipse_phantom
+from mar_rt.train.sources import CleanSlice
+
+
+def _slice(sid: str, seed: int = 0) -> CleanSlice:
+    return CleanSlice(sid, np.zeros((4, 4), np.float32) + seed, "test")
+
+
+def test_split_is_deterministic_and_keeps_reserved_out():
+    ids = ["b", D.RESERVED_VAL_ID, "a", "cleanct_000374_06_01_278", "c"]
+    slices = [_slice(i) for i in ids]
+    train1, val1 = D.split_slices(slices)
+    train2, val2 = D.split_slices(list(reversed(slices)))
+    assert [s.slice_id for s in train1] == [s.slice_id for s in train2] == ["a", "b", "c"]
+    assert {s.slice_id for s in val1} == {D.RESERVED_VAL_ID, "cleanct_000374_06_01_278"}
+    assert [s.slice_id for s in val1] == [s.slice_id for s in val2]
+    # the reserved slice is validation even when the caller names no validation ids
+    train3, val3 = D.split_slices(slices, val_ids=())
+    assert D.RESERVED_VAL_ID not in {s.slice_id for s in train3}
+    assert [s.slice_id for s in val3] == [D.RESERVED_VAL_ID]
+
+
+def test_check_no_validation():
+    meta = D.PairMeta(D.RESERVED_VAL_ID, 0, 1, "Ti", 100, "disc", "mild", "chest")
+    with pytest.raises(BadInputError):
+        D.check_no_validation([meta])
+    D.check_no_validation([dataclasses.replace(meta, slice_id="a")])
+
+
+def test_pair_seed_and_jobs():
+    assert D.pair_seed(0, "a", 1) == D.pair_seed(0, "a", 1)
+    assert len({D.pair_seed(0, "a", k) for k in range(50)}) == 50
+    assert D.pair_seed(0, "a", 1) != D.pair_seed(1, "a", 1)
+    slices = [_slice("x"), _slice("phantom_0_000"), _slice("y")]
+    jobs = D.training_jobs(slices, D.DataConfig(masks_per_slice=3, phantom_masks=1))
+    # k-major: every slice gets its first pair before any slice gets a second
+    assert jobs[:3] == [(0, 0, None), (1, 0, None), (2, 0, None)]
+    assert sorted(jobs) == sorted([(0, 0, None), (0, 1, None), (0, 2, None), (1, 0, None),
+                                   (2, 0, None), (2, 1, None), (2, 2, None)])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_geometry() -> FanBeamGeometry:
+    g = FanBeamGeometry.syndeeplesion().with_image_size(64)
+    return dataclasses.replace(g, n_views=128, n_det=97, det_spacing=g.det_spacing * 641 / 97)
+
+
+def test_sinogram_mirror_is_the_mirrored_object(small_geometry):
+    img = torch.from_numpy(ellipse_phantom(5, (64, 64)))[None].double()
+    img[..., 10:20, 40:44] += 0.3  # break the left-right symmetry
+    y = forward_project(img, small_geometry)
+    y_mirror = forward_project(torch.flip(img, dims=(-1,)), small_geometry)
+    got = D.sino_roll_mirror(y, 0, True)
+    assert torch.allclose(got, y_mirror, atol=1e-6 * float(y.abs().max()))
+
+
+def test_sinogram_roll_is_the_rotated_object(small_geometry):
+    img = torch.from_numpy(ellipse_phantom(6, (64, 64)))[None].double()
+    img[..., 10:20, 40:44] += 0.3
+    y = forward_project(img, small_geometry)
+    y_rot = forward_project(torch.rot90(img, 1, dims=(-2, -1)), small_geometry)
+    got = D.sino_roll_mirror(y, small_geometry.n_views // 4, False)
+    assert torch.allclose(got, y_rot, atol=1e-6 * float(y.abs().max()))
+
+
+def _domain(kind: str, n: int = 5, size: tuple[int, int] = (40, 48)) -> D.DomainData:
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(n, 1, *size, generator=g)
+    focus = torch.zeros(n, *size, dtype=torch.bool)
+    focus[:, 5:8, 30:33] = True
+    return D.DomainData(
+        kind=kind, x0=x0, mu=x0 * 0.5, weight=torch.ones_like(x0),
+        points=D.focus_points(focus), content=torch.arange(n * 3.0).reshape(n, 3),
+        artifact=-torch.arange(n * 3.0).reshape(n, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["image", "sinogram", "residual"])
+def test_sample_batch_is_seeded_and_consistent(kind):
+    data = _domain(kind)
+    a = D.sample_batch(data, 6, 16, torch.Generator().manual_seed(3), jitter=0.0)
+    b = D.sample_batch(data, 6, 16, torch.Generator().manual_seed(3), jitter=0.0)
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    assert a["x0"].shape == (6, 1, 16, 16) and a["content"].shape == (6, 3)
+    # without jitter the same transform hits target and μ (μ = x0 / 2 everywhere)
+    assert torch.allclose(a["mu"], a["x0"] * 0.5)
+    # the embeddings belong to the sampled items
+    idx = (a["content"][:, 0] / 3).long()
+    assert torch.equal(a["artifact"], data.artifact[idx])
+    c = D.sample_batch(data, 6, 16, torch.Generator().manual_seed(4), jitter=0.0)
+    assert not torch.equal(a["x0"], c["x0"])
+
+
+def test_sample_batch_focus_and_wrap():
+    data = _domain("sinogram")
+    batch = D.sample_batch(data, 4, 8, torch.Generator().manual_seed(0), p_focus=1.0, augment=False)
+    for x in batch["x0"]:
+        # every focused crop is centred on the focus block, so it is a crop of the item
+        assert any(
+            torch.equal(x[0], data.x0[i, 0, r : r + 8, c : c + 8])
+            for i in range(len(data)) for r in range(0, 33) for c in range(0, 41)
+        )  # fmt: skip
+    r, c = D.crop_origin((40, 48), 16, torch.tensor([[0, 0]], dtype=torch.int32), 1.0,
+                         torch.Generator(), wrap_rows=True)  # fmt: skip
+    assert (r, c) == (40 - 8, 0)
+
+
+def test_generate_pairs_cache_round_trip(tmp_path):
+    slices = [CleanSlice("toy_a", ellipse_phantom(11, region="pelvis"), "phantom", "generated")]
+    first = D.generate_pairs(slices, [(0, 0, None)], seed=7, cache_dir=tmp_path)
+    again = D.generate_pairs(slices, [(0, 0, None)], seed=7, cache_dir=tmp_path)
+    for name, value in first.fields.items():
+        assert torch.equal(value, again.fields[name]), name
+    meta = first.metas[0]
+    assert meta == again.metas[0]
+    assert meta.metal_px == int(first.fields["mask"][0].sum())
+    assert D.TRAIN_SIZE_BINS[0][0] * 0.9 <= meta.metal_px <= D.TRAIN_SIZE_BINS[0][1] * 1.1
+    # the SynDeepLesion layout, readable by the official-layout readers
+    gt = read_gt(tmp_path / "toy_a" / "gt.h5")
+    case = read_case(tmp_path / "toy_a" / "0.h5")
+    np.testing.assert_array_equal(gt["image"], slices[0].image_mu)
+    np.testing.assert_array_equal(case["mask"] > 0, first.fields["mask"][0].numpy())
+    # the metal raises ma_CT well above the clean image inside the implant
+    m = first.fields["mask"][0]
+    assert float(first.fields["ma_CT"][0][m].mean()) > 0.672
+    assert meta.artifact_texts() and meta.content_texts()
+    back = D.read_pair_folder(tmp_path)
+    assert back.metas[0].to_dict() == meta.to_dict()
+    # without a cache the same seed simulates the same pair (the GPU path keeps pairs in memory)
+    mem = D.generate_pairs(slices, [(0, 0, None)], seed=7)
+    for name, value in first.fields.items():
+        assert torch.equal(value, mem.fields[name]), name
+    assert mem.metas == first.metas

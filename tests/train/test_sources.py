@@ -1,0 +1,96 @@
+"""Clean-slice readers: every shared source, DICOM, NIfTI, .npy units and the export folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mar_rt.ct.syndeeplesion import read_image
+from mar_rt.ct.units import MU_WATER, hu_to_mu
+from mar_rt.errors import BadInputError
+from mar_rt.train import sources
+from mar_rt.train.data import RESERVED_VAL_ID
+from mar_rt.train.phantoms import ellipse_phantom
+
+
+def test_shared_data_slices(shared_data):
+    slices = sources.load_clean_slices(shared_data)
+    ids = [s.slice_id for s in slices]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert RESERVED_VAL_ID in ids
+    kinds = {i.split("_")[0] for i in ids}
+    assert kinds == {"sdl", "cleanct", "dlpng", "spineweb"}
+    for s in slices:
+        assert s.image_mu.shape == (416, 416) and s.image_mu.dtype == np.float32
+        assert np.isfinite(s.image_mu).all() and s.image_mu.min() >= 0.0
+        # no clean pixel may look like metal to the 2500 HU threshold
+        assert s.image_mu.max() < 0.672
+        # soft tissue sits near water: the median inside the body is within ±200 HU of water
+        body = s.image_mu[s.image_mu > hu_to_mu(-500.0)]
+        assert abs(np.median(body) / MU_WATER - 1.0) < 0.2
+    # SynDeepLesion targets are used unchanged
+    by_id = {s.slice_id: s for s in slices}
+    gt = shared_data / "syndeeplesion" / "train" / "000321_03_01" / "011" / "gt.h5"
+    np.testing.assert_array_equal(by_id[RESERVED_VAL_ID].image_mu, read_image(gt))
+
+
+def test_npy_units(tmp_path):
+    mu = ellipse_phantom(3, (256, 256))
+    hu = (mu / MU_WATER - 1.0) * 1000.0
+    np.save(tmp_path / "a_hu.npy", hu)
+    np.save(tmp_path / "b_mu.npy", mu)
+    guessed_hu = sources.read_npy(tmp_path / "a_hu.npy")
+    explicit_hu = sources.read_npy(tmp_path / "a_hu.npy", units="hu")
+    guessed_mu = sources.read_npy(tmp_path / "b_mu.npy")
+    np.testing.assert_allclose(guessed_hu.image_mu, explicit_hu.image_mu)
+    np.testing.assert_allclose(guessed_mu.image_mu, guessed_hu.image_mu, atol=1e-5)
+    # 256² → 416² keeps the mean (same field of view, bilinear)
+    assert abs(guessed_mu.image_mu.mean() - mu.mean()) < 2e-3
+    with pytest.raises(BadInputError):
+        sources.read_npy(tmp_path / "a_hu.npy", units="kelvin")
+
+
+def test_dicom_slice_matches_pydicom_rescale():
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_modality_lut
+
+    path = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    hu = np.clip(apply_modality_lut(ds.pixel_array, ds).astype(np.float64), -1000, 2000)
+    s = sources.read_dicom_slice(path)
+    assert s.image_mu.shape == (416, 416)
+    mean_hu = (s.image_mu.mean() / MU_WATER - 1.0) * 1000.0
+    assert abs(mean_hu - hu.mean()) < 0.01 * (abs(hu.mean()) + 1000.0)
+
+
+def test_nifti_slices(tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    vol = np.full((128, 128, 5), -1000.0, np.float32)
+    vol[32:96, 40:90, :] = 40.0
+    nibabel.save(nibabel.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    got = sources.read_nifti_slices(tmp_path / "v.nii.gz", max_slices=3)
+    assert [s.slice_id for s in got] == ["nifti_v_000", "nifti_v_002", "nifti_v_004"]
+    centre = got[0].image_mu[208, 208]
+    assert abs(centre - hu_to_mu(40.0)) < 1e-4
+
+
+def test_export_round_trip(tmp_path):
+    slices = [
+        sources.CleanSlice("toy_a", ellipse_phantom(1), "phantom 1", "generated"),
+        sources.CleanSlice("toy_b", ellipse_phantom(2), "phantom 2", "generated"),
+    ]
+    sources.export_sources(slices, tmp_path / "exp")
+    back = sources.load_clean_slices(tmp_path / "exp")
+    assert [s.slice_id for s in back] == ["toy_a", "toy_b"]
+    assert back[0].source == "phantom 1"
+    for a, b in zip(slices, back, strict=True):
+        np.testing.assert_array_equal(a.image_mu, b.image_mu)
+
+
+def test_missing_and_empty(tmp_path):
+    with pytest.raises(BadInputError):
+        sources.load_clean_slices(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError):
+        sources.load_clean_slices(tmp_path / "empty")
