@@ -337,20 +337,36 @@ def nmar_correct(
     li = _li(x, m, p, proj, filter)
     if not li["metal_found"]:
         return li | {"nmar_sinogram": li["li_sinogram"], "nmar_image": x, "prior": None}
-    p = li["sinogram"]
-    li_img = li["li_image"]
+    p_nmar, x_nmar, prior = nmar_from_li(
+        li["sinogram"], li["li_image"], m, li["trace"], proj, filter
+    )
+    return li | {"nmar_sinogram": p_nmar, "nmar_image": x_nmar, "prior": prior}
+
+
+def nmar_from_li(
+    sinogram: torch.Tensor,
+    li_image: torch.Tensor,
+    mask: torch.Tensor,
+    trace: torch.Tensor,
+    projector: Any,
+    filter: str = "ram-lak",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NMAR steps 1–7 from an LI result already at hand: (P_nmar, X_nmar, prior).
+
+    ``sinogram`` P (..., V, D) and ``trace`` (bool, same shape), ``li_image`` X_LI and ``mask``
+    (bool) (..., H, W); ``projector`` has ``forward``/``fbp`` (and ``device``/``dtype``). Every
+    slice must contain metal (callers pass the others through).
+    """
     prior = torch.stack(
         [
             nmar_prior(a, b)
             for a, b in zip(
-                li_img.reshape(-1, *li_img.shape[-2:]), m.reshape(-1, *m.shape[-2:]), strict=True
+                li_image.reshape(-1, *li_image.shape[-2:]),
+                mask.reshape(-1, *mask.shape[-2:]),
+                strict=True,
             )
         ]
-    ).reshape(li_img.shape)
-    p_prior = torch.clamp(forward_with(proj, prior), min=0) + 1e-6
-    p_nmar = li_inpaint(p / p_prior, li["trace"]) * p_prior
-    return li | {
-        "nmar_sinogram": p_nmar,
-        "nmar_image": fbp_with(proj, p_nmar, filter),
-        "prior": prior,
-    }
+    ).reshape(li_image.shape)
+    p_prior = torch.clamp(forward_with(projector, prior), min=0) + 1e-6
+    p_nmar = li_inpaint(sinogram / p_prior, trace) * p_prior
+    return p_nmar, fbp_with(projector, p_nmar, filter), prior

@@ -60,6 +60,7 @@ __all__ = [
     "forward_marginal",
     "true_noise",
     "ml_loss",
+    "posterior_loss",
 ]
 
 
@@ -404,4 +405,43 @@ def ml_loss(
     )
     target = mu + _per_sample(term_x, t, x_t) * (x_t - mu) + _per_sample(term_0, t, x_t) * (x0 - mu)
     loss = (prediction - target).abs()
+    return loss.mean() if reduction == "mean" else loss
+
+
+def posterior_loss(
+    eps_hat: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    mu: torch.Tensor,
+    t: int | torch.Tensor,
+    schedule: Schedule,
+    *,
+    reduction: Literal["mean", "none"] = "mean",
+) -> torch.Tensor:
+    """The L1 distance between the posterior sampler's step and the optimal x_{t−1}.
+
+    prediction = μ + A(1−C²)/(1−B²)(x_t−μ) + C(1−A²)/(1−B²)(x̂₀−μ),  x̂₀ from ε̂ as above
+    target     = the same with x₀                                    (as in ``ml_loss``)
+    loss       = |prediction − target| = C(1−A²)/(1−B²) · |x̂₀ − x₀|
+
+    ``ml_loss`` forms its prediction with one reverse Euler step, which matches the posterior
+    step only when θ_tΔ is small (T ≈ 100). With a short schedule (T = the sampling steps)
+    the two differ by O(θ_tΔ), and a network trained on the Euler form misleads the posterior
+    sampler; this loss trains exactly the update the sampler applies. At t = 1 it is the L1
+    error of x̂₀. ``t`` is an int in 1..T or an integer tensor (B,).
+    """
+    if isinstance(t, torch.Tensor):
+        if bool((t < 1).any()) or bool((t > schedule.T).any()):
+            raise ValueError(f"posterior_loss: t must lie in 1..{schedule.T}")
+    elif not 1 <= int(t) <= schedule.T:
+        raise ValueError(f"posterior_loss: t must lie in 1..{schedule.T}, got {t!r}")
+    idx = np.arange(1, schedule.T + 1)
+    A = np.exp(-schedule.thetas[idx] * schedule.dt)
+    B = np.exp(-schedule.thetas_cumsum[idx] * schedule.dt)
+    C = np.exp(-schedule.thetas_cumsum[idx - 1] * schedule.dt)
+    term_0 = np.concatenate([np.zeros(1), C * (1 - A**2) / (1 - B**2)])
+    decay = _per_sample(schedule.decay(np.arange(schedule.T + 1)), t, x_t)
+    sigma_bar = _per_sample(schedule.sigma_bars, t, x_t)
+    x0_hat = mu + (x_t - mu - sigma_bar * eps_hat) / decay
+    loss = _per_sample(term_0, t, x_t) * (x0_hat - x0).abs()
     return loss.mean() if reduction == "mean" else loss

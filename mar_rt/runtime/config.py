@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-MuSource = Literal["li", "ma"]
+MuSource = Literal["li", "nmar", "ma"]
 SizePolicy = Literal["resample", "refuse"]
 
 ABLATIONS = ("full", "sde_only", "dapg_only")
@@ -35,12 +35,13 @@ class PipelineConfig:
         steps: reverse-SDE steps of the image and sinogram loops (S ≤ T of the bundle's SDE).
         residual_steps: steps of the residual loop; ``None`` means the DAPG loops' count
             (``steps``, or the ``steps`` a call asks for).
-        mu_source: what the DAPG loops revert to: ``"li"`` (X_LI, Y_LI) or ``"ma"``
+        mu_source: what the DAPG loops revert to: ``"li"`` (X_LI, Y_LI), ``"nmar"``
+            (X_NMAR, Y_NMAR: NMAR's prior-normalised interpolation, DESIGN §6) or ``"ma"``
             (X_ma, Y_ma, as the paper does). CLIP always sees X_ma / Y_ma.
         use_clip: ``False`` feeds zero embeddings to the U-Nets (the "IR-SDE without
             DuDoCLIP" ablation) and skips the CLIP graphs.
-        run_image_sde: ``False`` sets X_p = X_LI (no image loop).
-        run_sinogram_sde: ``False`` sets Y_p = Y_LI (no sinogram loop).
+        run_image_sde: ``False`` sets X_p to the loop's μ (X_LI when μ is the ma pair).
+        run_sinogram_sde: ``False`` sets Y_p likewise (Y_LI when μ is the ma pair).
         run_osro: ``False`` skips OSRO entirely: X_out = X_p ("DAPG only").
         osro_fidelity: step 1 replaces Y_p outside the trace by Y_ma; ``False`` uses
             X'_p = FBP(Y_p).
@@ -95,9 +96,9 @@ class PipelineConfig:
                 f"PipelineConfig: residual_steps must be None or a positive integer, "
                 f"got {self.residual_steps!r}"
             )
-        if self.mu_source not in ("li", "ma"):
+        if self.mu_source not in ("li", "nmar", "ma"):
             raise ValueError(
-                f"PipelineConfig: mu_source must be 'li' or 'ma', got {self.mu_source!r}"
+                f"PipelineConfig: mu_source must be 'li', 'nmar' or 'ma', got {self.mu_source!r}"
             )
         if self.on_size_mismatch not in ("resample", "refuse"):
             raise ValueError(

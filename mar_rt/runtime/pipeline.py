@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from mar_rt.ct import units
 from mar_rt.ct.geometry import FanBeamGeometry
-from mar_rt.ct.mar import li_inpaint, segment_metal
+from mar_rt.ct.mar import li_inpaint, nmar_from_li, segment_metal
 from mar_rt.errors import BadInputError, MarRtError
 from mar_rt.models.sde import SDEConfig
 from mar_rt.runtime import osro
@@ -487,12 +487,13 @@ class DuDoCROPPipeline:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """X_p and Y_p: the two IR-SDE loops (μ = LI pair or metal-affected pair).
 
-        A disabled loop returns the LI counterpart (X_LI or Y_LI). On CUDA the loops run on
-        two streams; on CPU one after the other.
+        A disabled loop returns its μ (X_LI/Y_LI when μ is the metal-affected pair). On CUDA
+        the loops run on two streams; on CPU one after the other.
         """
         cfg = self.config
-        mu_img = b.x_li if cfg.mu_source == "li" else b.x_ma
-        mu_sino = b.y_li if cfg.mu_source == "li" else b.y_ma
+        t0 = self._now()
+        mu_img, mu_sino = self.reversion_targets(b)
+        timings["prepare"] += self._now() - t0
         jobs: dict[str, Callable[[GraphSet], torch.Tensor]] = {}
         if cfg.run_image_sde:
             mu_x = units.image_to_net(mu_img)[:, None].contiguous()
@@ -505,13 +506,28 @@ class DuDoCROPPipeline:
                 g, "sinogram", mu_y, emb["sinogram"], steps, b.seed, progress
             )
         results = self._run_jobs(jobs, b, timings)
-        x_p = units.net_to_image(results["image_sde"][:, 0]) if "image_sde" in results else b.x_li
+        keep_x, keep_y = (b.x_li, b.y_li) if cfg.mu_source == "ma" else (mu_img, mu_sino)
+        x_p = units.net_to_image(results["image_sde"][:, 0]) if "image_sde" in results else keep_x
         y_p = (
             units.net_to_sino(results["sinogram_sde"][:, 0])
             if "sinogram_sde" in results
-            else b.y_li
+            else keep_y
         )
         return x_p, y_p
+
+    def reversion_targets(self, b: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, sinogram) in μ / line integrals that the DAPG loops revert to
+        (``config.mu_source``): the LI pair, the NMAR pair (computed here from the LI one) or
+        the metal-affected pair."""
+        source = self.config.mu_source
+        if source == "li":
+            return b.x_li, b.y_li
+        if source == "ma":
+            return b.x_ma, b.y_ma
+        y_nmar, x_nmar, _ = nmar_from_li(
+            b.y_ma, b.x_li, b.mask, b.trace, self.operators.ct_view(), self.config.fbp_filter
+        )
+        return x_nmar, y_nmar
 
     def osro(
         self,

@@ -618,12 +618,49 @@ def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
     return f[:, 0] > 0.5
 
 
+_MU_FIELDS = {
+    "image": {"li": "LI_CT", "nmar": "NMAR_CT", "ma": "ma_CT"},
+    "sinogram": {"li": "LI_sinogram", "nmar": "NMAR_sinogram", "ma": "ma_sinogram"},
+}
+
+
+def with_nmar(pairs: PairSet, *, batch: int = 8) -> PairSet:
+    """``pairs`` plus ``NMAR_CT`` and ``NMAR_sinogram`` (DESIGN §6 on each pair's measured
+    ``ma_sinogram``, its LI result and mask), for ``mu_source="nmar"``."""
+    from mar_rt.ct.mar import nmar_from_li
+    from mar_rt.ct.projector import get_projector
+
+    f = pairs.fields
+    proj = get_projector(_GEOMETRY, device=pairs.device, dtype=torch.float32)
+    xs, ys = [], []
+    for i in range(0, len(pairs), batch):
+        sl = slice(i, i + batch)
+        y, x, _ = nmar_from_li(
+            f["ma_sinogram"][sl], f["LI_CT"][sl], f["mask"][sl], f["metal_trace"][sl], proj
+        )
+        xs.append(x.float())
+        ys.append(y.float())
+    return PairSet(pairs.metas, {**f, "NMAR_CT": torch.cat(xs), "NMAR_sinogram": torch.cat(ys)})
+
+
+def _mu_field(pairs: PairSet, domain: str, mu_source: str) -> torch.Tensor:
+    name = _MU_FIELDS[domain].get(mu_source)
+    if name is None:
+        raise ValueError(
+            f"mu_source must be one of {sorted(_MU_FIELDS[domain])}, got {mu_source!r}"
+        )
+    if name not in pairs.fields:
+        raise ValueError(f"mu_source {mu_source!r} needs the pairs' {name} (see with_nmar)")
+    return pairs.fields[name]
+
+
 def image_domain(
     pairs: PairSet, content: torch.Tensor, artifact: torch.Tensor, *, mu_source: str = "li"
 ) -> DomainData:
-    """Image domain: μ = x(X_LI) (or x(X_ma)), target x(X), metal pixels weighted 0."""
+    """Image domain: μ = x(X_LI) (or x(X_NMAR), x(X_ma)), target x(X), metal pixels
+    weighted 0."""
     f = pairs.fields
-    mu = f["LI_CT"] if mu_source == "li" else f["ma_CT"]
+    mu = _mu_field(pairs, "image", mu_source)
     mask = f["mask"]
     return DomainData(
         kind="image",
@@ -640,11 +677,11 @@ def sinogram_domain(
     pairs: PairSet, content: torch.Tensor, artifact: torch.Tensor, *,
     mu_source: str = "li", trace_dilate: int = 3, outside_weight: float = 0.05,
 ) -> DomainData:  # fmt: skip
-    """Sinogram domain: μ = y(Y_LI) (or y(Y_ma)), target y(Y); the loss weight is 1 on the
-    trace dilated by ``trace_dilate`` bins and ``outside_weight`` elsewhere, since only the
-    trace survives OSRO's fidelity step (DESIGN §9 calibration)."""
+    """Sinogram domain: μ = y(Y_LI) (or y(Y_NMAR), y(Y_ma)), target y(Y); the loss weight is
+    1 on the trace dilated by ``trace_dilate`` bins and ``outside_weight`` elsewhere, since
+    only the trace survives OSRO's fidelity step (DESIGN §9 calibration)."""
     f = pairs.fields
-    mu = f["LI_sinogram"] if mu_source == "li" else f["ma_sinogram"]
+    mu = _mu_field(pairs, "sinogram", mu_source)
     near = dilate(f["metal_trace"], trace_dilate)
     weight = torch.where(near, 1.0, outside_weight).float()
     return DomainData(

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from mar_rt.models.sde import Schedule, forward_marginal, ml_loss
+from mar_rt.models.sde import Schedule, forward_marginal, ml_loss, posterior_loss
 from mar_rt.models.unet import ConditionalUNet
 from mar_rt.train.data import DomainData, sample_batch
 
@@ -57,7 +57,9 @@ class SDETrainConfig:
     """One U-Net's training run. ``patch`` None trains on whole images; ``max_minutes`` stops
     early and sets the cosine horizon; ``cond_drop`` replaces both embeddings by zeros with
     that probability (so the no-DuDoCLIP ablation runs a network that has seen zeros);
-    ``eps_weight`` weights the noise-matching term (module docstring)."""
+    ``eps_weight`` weights the noise-matching term; ``loss``: ``"ml"`` (``ml_loss``, the
+    reference's Euler-step form) or ``"posterior"`` (``posterior_loss``, for short schedules
+    whose T equals the sampling steps; module docstring)."""
 
     steps: int = 2000
     batch: int = 8
@@ -68,7 +70,8 @@ class SDETrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     cond_drop: float = 0.1
-    eps_weight: float = 0.0
+    eps_weight: float = 0.01
+    loss: str = "ml"
     jitter: float = 0.03
     p_focus: float = 0.7
     max_minutes: float | None = None
@@ -112,6 +115,7 @@ def training_loss(
     *,
     cond_drop: float = 0.0,
     eps_weight: float = 0.0,
+    loss: str = "ml",
 ) -> torch.Tensor:
     """The weighted loss of one batch (steps 2–3 of the module docstring)."""
     x0, mu, w = batch["x0"], batch["mu"], batch["weight"]
@@ -123,10 +127,40 @@ def training_loss(
     x_t = forward_marginal(x0, mu, t, schedule, z)
     cond = unet.condition(batch["content"] * keep, batch["artifact"] * keep)
     eps = unet(x_t, mu, t.to(torch.float32), cond)
-    per_pixel = ml_loss(eps, x_t, x0, mu, t, schedule, reduction="none")
+    loss_fn = {"ml": ml_loss, "posterior": posterior_loss}[loss]
+    per_pixel = loss_fn(eps, x_t, x0, mu, t, schedule, reduction="none")
     if eps_weight:
         per_pixel = per_pixel + eps_weight * (eps - z).abs()
     return (per_pixel * w).sum() / w.sum().clamp(min=1.0)
+
+
+@torch.no_grad()
+def identity_init(unet: ConditionalUNet, lam: float) -> ConditionalUNet:
+    """Start ε̂ at (x_t − μ)/λ, the noise of the forward marginal when x0 = μ and σ̄_t = λ.
+
+    One linear path of the U-Net carries its first input channel x_t − μ to the output:
+    ``init_conv`` channel 0 copies it (centre tap 1, the rest of that filter 0), the 1×1 skip of
+    ``final_block`` passes that channel to its output channel 0 (whose conv branch starts at
+    0), and ``final_conv`` reads only that channel with gain 1/λ. Everything else keeps its
+    random initialisation, so the network only has to learn the correction −e^{−θ̄_tΔ}(x0 − μ)/σ̄_t
+    and the gain where σ̄_t < λ. (With the constant θ schedule σ̄_t ≥ 0.31λ everywhere.)
+    """
+    nf = unet.cfg.nf
+    w = unet.init_conv.weight  # (nf, 2·in, k, k)
+    w[0].zero_()
+    w[0, 0, w.shape[-2] // 2, w.shape[-1] // 2] = 1.0
+    block = unet.final_block
+    if not isinstance(block.skip, torch.nn.Conv2d):
+        raise ValueError("identity_init needs final_block with a 1×1 skip convolution")
+    block.skip.weight[0].zero_()
+    block.skip.weight[0, nf] = 1.0  # input channels: [x_up (nf), x_first (nf)]
+    block.conv2.weight[0].zero_()
+    fc = unet.final_conv
+    fc.weight.zero_()
+    fc.weight[0, 0, fc.weight.shape[-2] // 2, fc.weight.shape[-1] // 2] = 1.0 / lam
+    if fc.bias is not None:
+        fc.bias.zero_()
+    return unet
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -212,7 +246,13 @@ def train_sde(
             data, cfg.batch, cfg.patch, gen_cpu, jitter=cfg.jitter, p_focus=cfg.p_focus
         )
         loss = training_loss(
-            unet, batch, schedule, gen_dev, cond_drop=cfg.cond_drop, eps_weight=cfg.eps_weight
+            unet,
+            batch,
+            schedule,
+            gen_dev,
+            cond_drop=cfg.cond_drop,
+            eps_weight=cfg.eps_weight,
+            loss=cfg.loss,
         )
         # 4. update; 5. EMA (a short effective horizon early on)
         opt.zero_grad(set_to_none=True)

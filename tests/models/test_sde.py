@@ -15,6 +15,7 @@ from mar_rt.models.sde import (
     make_schedule,
     ml_loss,
     posterior_coefficients,
+    posterior_loss,
     sample_posterior,
     start_state,
     true_noise,
@@ -276,3 +277,30 @@ def test_ml_loss_matches_formula_and_is_consistent():
     assert ml_loss(z, x_t, x0, mu, t, sched) < 0.5 * loss
     with pytest.raises(ValueError, match="1..100"):
         ml_loss(z, x_t, x0, mu, 0, sched)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_posterior_loss_is_the_gap_between_conjugate_posterior_means(schedule):
+    # short schedule (T = 4): here the Euler-form ml_loss and the posterior step disagree
+    sched = make_schedule(SDEConfig(T=4, max_sigma=10, schedule=schedule))
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.rand(4, 1, 6, 6, generator=g, dtype=torch.float64)
+    mu = x0 + 0.05 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 2, 3, 4])
+    x_t = forward_marginal(x0, mu, t, sched, z)
+    eps_hat = z + 0.2 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    per = posterior_loss(eps_hat, x_t, x0, mu, t, sched, reduction="none")
+    for i, ti in enumerate(t.tolist()):
+        B = math.exp(-sched.thetas_cumsum[ti] * sched.dt)
+        x0_hat = mu[i] + (x_t[i] - mu[i] - sched.sigma_bars[ti] * eps_hat[i]) / B
+        m_hat, _ = _gauss_posterior(x_t[i], x0_hat, mu[i], sched, ti)
+        m_true, _ = _gauss_posterior(x_t[i], x0[i], mu[i], sched, ti)
+        torch.testing.assert_close(per[i], (m_hat - m_true).abs(), rtol=1e-9, atol=1e-12)
+    # t = 1 is the L1 error of x̂₀; the true noise has zero loss
+    B1 = math.exp(-sched.thetas_cumsum[1] * sched.dt)
+    x0_hat1 = mu[0] + (x_t[0] - mu[0] - sched.sigma_bars[1] * eps_hat[0]) / B1
+    torch.testing.assert_close(per[0], (x0_hat1 - x0[0]).abs())
+    assert posterior_loss(z, x_t, x0, mu, t, sched).item() < 1e-12
+    with pytest.raises(ValueError, match="1..4"):
+        posterior_loss(z, x_t, x0, mu, 5, sched)

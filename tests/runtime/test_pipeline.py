@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mar_rt.ct import units
-from mar_rt.ct.mar import li_inpaint
+from mar_rt.ct.mar import li_inpaint, nmar_correct
 from mar_rt.ct.projector import Projector
 from mar_rt.errors import BadInputError, MarRtError
 from mar_rt.runtime.backends import GraphSet
@@ -167,6 +167,34 @@ def test_clip_switch_and_mu_source_reach_the_graphs(pipe):
     a = pipe(x, steps=1, seed=0).output
     b = pipe.with_config(pipe.config.replace(use_clip=False))(x, steps=1, seed=0).output
     assert not torch.equal(a, b)
+
+
+def test_nmar_mu_source_matches_nmar_correct(pipe):
+    """mu_source="nmar": the image loop reverts to X_NMAR, and with both loops and OSRO off the
+    output is X_NMAR itself, as ``mar_rt.ct.mar.nmar_correct`` computes it on its own."""
+    x = _slice()
+    mask = x > 0.672
+    ref = nmar_correct(x, mask, pipe.geometry)
+    seen = []
+    real_step = pipe.graphs["unet_image_step"].infer
+
+    def step_spy(feed, **kw):
+        seen.append(feed["mu"].clone())
+        return real_step(feed, **kw)
+
+    pipe.graphs["unet_image_step"].infer = step_spy
+    try:
+        pipe.with_config(pipe.config.replace(mu_source="nmar"))(x, steps=1, seed=0, mask=mask)
+    finally:
+        del pipe.graphs["unet_image_step"].infer
+    want = units.image_to_net(ref["nmar_image"])
+    torch.testing.assert_close(seen[-1][0, 0], want, rtol=1e-4, atol=1e-4)
+    off = pipe.config.replace(
+        mu_source="nmar", run_image_sde=False, run_sinogram_sde=False, run_osro=False
+    )
+    out = pipe.with_config(off)(x, steps=1, seed=0, mask=mask)
+    torch.testing.assert_close(out.output, ref["nmar_image"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out.output, ref["li_image"], atol=1e-3), "NMAR must differ from LI"
 
 
 def test_reinsert_metal(pipe):

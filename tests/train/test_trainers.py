@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mar_rt.models.sde import SDEConfig, make_schedule
+from mar_rt.models.sde import SDEConfig, forward_marginal, make_schedule
 from mar_rt.models.unet import ConditionalUNet, UNetConfig
 from mar_rt.train import data as D
-from mar_rt.train.sde_trainer import SDETrainConfig, train_sde, training_loss
+from mar_rt.train.sde_trainer import SDETrainConfig, identity_init, train_sde, training_loss
 
 TOY_UNET = UNetConfig(
     nf=8, ch_mult=(1, 2), num_res_blocks=1, context_dim=6, time_sin_dim=8, time_dim=16,
@@ -74,14 +74,20 @@ def test_resume_continues_the_same_run(tmp_path):
     assert resumed.losses == straight.losses
 
 
-def test_loss_falls_on_a_fixed_batch():
+@pytest.mark.parametrize(
+    ("loss_kind", "schedule"),
+    [("ml", SCHEDULE), ("posterior", make_schedule(SDEConfig(T=2, schedule="constant")))],
+)
+def test_loss_falls_on_a_fixed_batch(loss_kind, schedule):
     data = _toy_data()
     unet = _unet()
     batch = D.sample_batch(data, 4, 16, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(unet.parameters(), lr=3e-3)
     losses = []
     for _ in range(100):
-        loss = training_loss(unet, batch, SCHEDULE, torch.Generator().manual_seed(1))
+        loss = training_loss(
+            unet, batch, schedule, torch.Generator().manual_seed(1), loss=loss_kind
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -104,6 +110,19 @@ def test_validate_callback_and_ema_copy():
     assert seen == [2, 4, 6]
     assert [v["psnr"] for v in res.val] == [2.0, 4.0, 6.0]
     assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_identity_init_predicts_the_marginal_noise_of_x0_equal_mu():
+    lam = SCHEDULE.lam
+    unet = identity_init(_unet(), lam)
+    g = torch.Generator().manual_seed(0)
+    mu = torch.rand(2, 1, 24, 40, generator=g)
+    z = torch.randn(2, 1, 24, 40, generator=g)
+    t = torch.tensor([100, 100])
+    x_t = forward_marginal(mu, mu, t, SCHEDULE, z)  # x0 = μ: x_t − μ = σ̄_T z and σ̄_T = λ
+    with torch.no_grad():
+        eps = unet(x_t, mu, t.float(), unet.condition(torch.randn(2, 6), torch.randn(2, 6)))
+    assert torch.allclose(eps, z * float(SCHEDULE.sigma_bars[100]) / lam, atol=1e-4)
 
 
 # --- DuDoCLIP ----------------------------------------------------------------------------------
