@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from mar_rt.ct import units
 from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.mar import nmar_correct
 from mar_rt.ct.projector import forward_project
 from mar_rt.ct.syndeeplesion import read_case, read_gt
 from mar_rt.errors import BadInputError
@@ -147,3 +149,14 @@ def test_generate_pairs_cache_round_trip(tmp_path):
     for name, value in first.fields.items():
         assert torch.equal(value, mem.fields[name]), name
     assert mem.metas == first.metas
+    # mu_source="nmar": the NMAR pair of each pair's measured sinogram, as nmar_correct makes it
+    nm = D.with_nmar(first)
+    f = first.fields
+    ref = nmar_correct(f["ma_CT"][0], f["mask"][0], FanBeamGeometry.syndeeplesion(),
+                       f["ma_sinogram"][0])  # fmt: skip
+    torch.testing.assert_close(nm.fields["NMAR_CT"][0], ref["nmar_image"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(nm.fields["NMAR_sinogram"][0], ref["nmar_sinogram"])
+    dom = D.image_domain(nm, torch.zeros(1, 4), torch.zeros(1, 4), mu_source="nmar")
+    torch.testing.assert_close(dom.mu[0, 0], units.image_to_net(ref["nmar_image"]))
+    with pytest.raises(ValueError, match="NMAR_CT"):
+        D.image_domain(first, torch.zeros(1, 4), torch.zeros(1, 4), mu_source="nmar")
