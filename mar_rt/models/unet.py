@@ -53,7 +53,10 @@ class UNetConfig:
 
     ``transformer_levels`` lists the levels (0 = full resolution) that use the self+cross
     transformer; the other levels use linear attention.  ``context_dim`` must equal the
-    DuDoCLIP embedding dimension of the same bundle.
+    DuDoCLIP embedding dimension of the same bundle.  ``noise_skip`` s adds s·(x_t − μ) to
+    the output (0: off): with s = 1/λ the network only learns ε̂ − (x_t − μ)/λ, so the
+    noise in x_t cancels exactly in x̂₀ = μ + (x_t − μ − σ̄_tε̂)e^{θ̄_tΔ} instead of through
+    learned weights (where e^{θ̄_tΔ} = 1/eps amplifies every error in them).
     """
 
     in_channels: int = 1
@@ -71,6 +74,7 @@ class UNetConfig:
     transformer_levels: tuple[int, ...] = (3,)
     ff_mult: int = 4
     norm_groups: int = 32
+    noise_skip: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -434,8 +438,10 @@ class ConditionalUNet(nn.Module):
             x = level.resample(x)
 
         x = self.final_block(torch.cat([x, x_first], dim=1), t_emb)
-        x = self.final_conv(x)
-        return x[:, :, :height, :width]
+        x = self.final_conv(x)[:, :, :height, :width]
+        if self.cfg.noise_skip:
+            x = x + self.cfg.noise_skip * (x_t - mu)
+        return x
 
     @staticmethod
     def _attend(attn: nn.Module, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

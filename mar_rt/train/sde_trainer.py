@@ -138,6 +138,9 @@ def training_loss(
 def identity_init(unet: ConditionalUNet, lam: float) -> ConditionalUNet:
     """Start ε̂ at (x_t − μ)/λ, the noise of the forward marginal when x0 = μ and σ̄_t = λ.
 
+    With ``cfg.noise_skip`` = 1/λ the skip is that term, and only ``final_conv`` is zeroed.
+    Otherwise:
+
     One linear path of the U-Net carries its first input channel x_t − μ to the output:
     ``init_conv`` channel 0 copies it (centre tap 1, the rest of that filter 0), the 1×1 skip of
     ``final_block`` passes that channel to its output channel 0 (whose conv branch starts at
@@ -145,6 +148,13 @@ def identity_init(unet: ConditionalUNet, lam: float) -> ConditionalUNet:
     random initialisation, so the network only has to learn the correction −e^{−θ̄_tΔ}(x0 − μ)/σ̄_t
     and the gain where σ̄_t < λ. (With the constant θ schedule σ̄_t ≥ 0.31λ everywhere.)
     """
+    if unet.cfg.noise_skip:  # the skip already carries (x_t − μ)/λ: start the rest at 0
+        if abs(unet.cfg.noise_skip * lam - 1.0) > 1e-6:
+            raise ValueError(f"identity_init: noise_skip {unet.cfg.noise_skip} is not 1/λ")
+        unet.final_conv.weight.zero_()
+        if unet.final_conv.bias is not None:
+            unet.final_conv.bias.zero_()
+        return unet
     nf = unet.cfg.nf
     w = unet.init_conv.weight  # (nf, 2·in, k, k)
     w[0].zero_()

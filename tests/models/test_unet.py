@@ -171,6 +171,27 @@ def _export_and_run(module, args, names, out_names, path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@torch.no_grad()
+def test_noise_skip_adds_scaled_x_minus_mu_and_exports(tiny, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny.cfg, noise_skip=127.5)
+    skip = ConditionalUNet(cfg).eval()
+    skip.load_state_dict(tiny.state_dict())
+    x, mu, t, c, a = _inputs(cfg, 2, 40, 37)
+    want = tiny(x, mu, t, tiny.condition(c, a)) + 127.5 * (x - mu)
+    torch.testing.assert_close(skip(x, mu, t, skip.condition(c, a)), want)
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    assert "noise_skip" in tiny.cfg.to_dict() and tiny.cfg.noise_skip == 0.0
+    _export_and_run(
+        UNetPredictor(skip).eval(),
+        (x, mu, t, c, a),
+        ["x_t", "mu", "t", "content_emb", "artifact_emb"],
+        ["eps"],
+        tmp_path / "unet_skip.onnx",
+    )
+
+
 def test_tiny_exports_to_onnx(tiny, tmp_path):
     x, mu, t, c, a = _inputs(tiny.cfg, 2, 48, 45)
     _export_and_run(

@@ -126,6 +126,20 @@ def test_identity_init_predicts_the_marginal_noise_of_x0_equal_mu():
     assert torch.allclose(eps, z * float(SCHEDULE.sigma_bars[100]) / lam, atol=1e-4)
 
 
+def test_identity_init_with_noise_skip_outputs_the_skip_alone():
+    lam = SCHEDULE.lam
+    torch.manual_seed(0)
+    unet = identity_init(ConditionalUNet(dataclasses.replace(TOY_UNET, noise_skip=1 / lam)), lam)
+    g = torch.Generator().manual_seed(1)
+    x_t, mu = torch.rand(2, 1, 24, 40, generator=g), torch.rand(2, 1, 24, 40, generator=g)
+    with torch.no_grad():
+        cond = unet.condition(torch.randn(2, 6), torch.randn(2, 6))
+        eps = unet(x_t, mu, torch.tensor([3.0, 70.0]), cond)
+    torch.testing.assert_close(eps, (x_t - mu) / lam)
+    with pytest.raises(ValueError, match="not 1/λ"):
+        identity_init(ConditionalUNet(dataclasses.replace(TOY_UNET, noise_skip=2.0)), lam)
+
+
 # --- DuDoCLIP ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy_clip():
