@@ -364,6 +364,20 @@ def true_noise(
     return (x_t - mu - (x0 - mu) * decay) / sigma_bar
 
 
+def _posterior_mean_terms(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
+    """A(1−C²)/(1−B²) and C(1−A²)/(1−B²) for t = 0..T (0 at t = 0): the weights of x_t − μ and
+    x₀ − μ in the posterior mean of x_{t−1}."""
+    idx = np.arange(1, schedule.T + 1)
+    A = np.exp(-schedule.thetas[idx] * schedule.dt)
+    B = np.exp(-schedule.thetas_cumsum[idx] * schedule.dt)
+    C = np.exp(-schedule.thetas_cumsum[idx - 1] * schedule.dt)
+    pad = np.zeros(1)
+    return (
+        np.concatenate([pad, A * (1 - C**2) / (1 - B**2)]),
+        np.concatenate([pad, C * (1 - A**2) / (1 - B**2)]),
+    )
+
+
 def ml_loss(
     eps_hat: torch.Tensor,
     x_t: torch.Tensor,
@@ -383,15 +397,10 @@ def ml_loss(
     ``t`` is an int in 1..T or an integer tensor (B,).
     """
     idx = np.arange(1, schedule.T + 1)
-    A = np.exp(-schedule.thetas[idx] * schedule.dt)
-    B = np.exp(-schedule.thetas_cumsum[idx] * schedule.dt)
-    C = np.exp(-schedule.thetas_cumsum[idx - 1] * schedule.dt)
-    pad = np.zeros(1)
-    term_x = np.concatenate([pad, A * (1 - C**2) / (1 - B**2)])
-    term_0 = np.concatenate([pad, C * (1 - A**2) / (1 - B**2)])
+    term_x, term_0 = _posterior_mean_terms(schedule)
     drift = schedule.thetas * schedule.dt
     score_w = np.concatenate(
-        [pad, schedule.sigmas[idx] ** 2 * schedule.dt / schedule.sigma_bars[idx]]
+        [np.zeros(1), schedule.sigmas[idx] ** 2 * schedule.dt / schedule.sigma_bars[idx]]
     )
 
     if isinstance(t, torch.Tensor):
@@ -435,11 +444,7 @@ def posterior_loss(
             raise ValueError(f"posterior_loss: t must lie in 1..{schedule.T}")
     elif not 1 <= int(t) <= schedule.T:
         raise ValueError(f"posterior_loss: t must lie in 1..{schedule.T}, got {t!r}")
-    idx = np.arange(1, schedule.T + 1)
-    A = np.exp(-schedule.thetas[idx] * schedule.dt)
-    B = np.exp(-schedule.thetas_cumsum[idx] * schedule.dt)
-    C = np.exp(-schedule.thetas_cumsum[idx - 1] * schedule.dt)
-    term_0 = np.concatenate([np.zeros(1), C * (1 - A**2) / (1 - B**2)])
+    _, term_0 = _posterior_mean_terms(schedule)
     decay = _per_sample(schedule.decay(np.arange(schedule.T + 1)), t, x_t)
     sigma_bar = _per_sample(schedule.sigma_bars, t, x_t)
     x0_hat = mu + (x_t - mu - sigma_bar * eps_hat) / decay
