@@ -5,11 +5,14 @@ Stages (each a function; the budget of a stage is its share of the time still le
     1. data            clean slices → training pairs (simulated, cached) and the validation set
     2. clip_image      DuDoCLIP on x(X_ma);   3. clip_sinogram   DuDoCLIP on y(Y_ma)
     4. embeddings      content/artifact embeddings of every pair, computed once
-    5. unet_image      IR-SDE, μ = x(X_LI) (``pipeline.mu_source``), target x(X)
-    6. unet_sinogram   IR-SDE, μ = y(Y_LI), target y(Y), loss weighted to the trace
+    5. unet_image      IR-SDE, μ = x(X_LI), x(X_NMAR) or x(X_ma) (``pipeline.mu_source``),
+                       target x(X)
+    6. unet_sinogram   IR-SDE, μ = the matching sinogram, target y(Y), loss weighted to the
+                       trace
     7. residual_data   the real pipeline (DAPG + OSRO steps 1–2) on training pairs → R, X'_p
     8. unet_residual   IR-SDE, μ = R/scale, target (X − X'_p)/scale
-    9. tune            sampling steps, α and OSRO switches on validation cases
+    9. tune            sampling steps, α and OSRO switches on validation cases (the same
+                       cases the final evaluation uses: a selection on the validation set)
    10. bundle          ``bundle.json`` + fp16 safetensors + ``train_report.json``
 
 A bundle is saved after stages 5, 6 and 8 with the pipeline switched to what is trained so far
