@@ -39,6 +39,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mar_rt.errors import EngineMismatchError
+from mar_rt.models.bundle import sha256_file
 
 __all__ = [
     "ENGINE_FORMAT",
@@ -69,15 +70,6 @@ _SAFE_REL = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_verified(path: str | os.PathLike, expected_sha256: str, *, what: str) -> bytes:

@@ -364,6 +364,15 @@ def true_noise(
     return (x_t - mu - (x0 - mu) * decay) / sigma_bar
 
 
+def _check_loss_t(name: str, t: int | torch.Tensor, T: int) -> None:
+    """ValueError unless every t lies in 1..T (a loss needs a previous state t − 1)."""
+    if isinstance(t, torch.Tensor):
+        if bool((t < 1).any()) or bool((t > T).any()):
+            raise ValueError(f"{name}: t must lie in 1..{T}")
+    elif not 1 <= int(t) <= T:
+        raise ValueError(f"{name}: t must lie in 1..{T}, got {t!r}")
+
+
 def _posterior_mean_terms(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
     """A(1−C²)/(1−B²) and C(1−A²)/(1−B²) for t = 0..T (0 at t = 0): the weights of x_t − μ and
     x₀ − μ in the posterior mean of x_{t−1}."""
@@ -403,11 +412,7 @@ def ml_loss(
         [np.zeros(1), schedule.sigmas[idx] ** 2 * schedule.dt / schedule.sigma_bars[idx]]
     )
 
-    if isinstance(t, torch.Tensor):
-        if bool((t < 1).any()) or bool((t > schedule.T).any()):
-            raise ValueError(f"ml_loss: t must lie in 1..{schedule.T}")
-    elif not 1 <= int(t) <= schedule.T:
-        raise ValueError(f"ml_loss: t must lie in 1..{schedule.T}, got {t!r}")
+    _check_loss_t("ml_loss", t, schedule.T)
 
     prediction = (
         x_t - _per_sample(drift, t, x_t) * (mu - x_t) - _per_sample(score_w, t, x_t) * eps_hat
@@ -439,11 +444,7 @@ def posterior_loss(
     sampler; this loss trains exactly the update the sampler applies. At t = 1 it is the L1
     error of x̂₀. ``t`` is an int in 1..T or an integer tensor (B,).
     """
-    if isinstance(t, torch.Tensor):
-        if bool((t < 1).any()) or bool((t > schedule.T).any()):
-            raise ValueError(f"posterior_loss: t must lie in 1..{schedule.T}")
-    elif not 1 <= int(t) <= schedule.T:
-        raise ValueError(f"posterior_loss: t must lie in 1..{schedule.T}, got {t!r}")
+    _check_loss_t("posterior_loss", t, schedule.T)
     _, term_0 = _posterior_mean_terms(schedule)
     decay = _per_sample(schedule.decay(np.arange(schedule.T + 1)), t, x_t)
     sigma_bar = _per_sample(schedule.sigma_bars, t, x_t)

@@ -410,7 +410,8 @@ class ConditionalUNet(nn.Module):
         """ε̂ for x_t, μ (B, C, H, W), t (B,) or scalar, cond (B, cond_dim) → (B, C, H, W)."""
         height, width = x_t.shape[-2], x_t.shape[-1]
         s = self.cfg.size_multiple
-        x = torch.cat([x_t - mu, mu], dim=1)
+        residual = x_t - mu
+        x = torch.cat([residual, mu], dim=1)
         x = F.pad(x, (0, (-width) % s, 0, (-height) % s), mode="reflect")
 
         time_dim = self.cfg.time_dim
@@ -440,7 +441,7 @@ class ConditionalUNet(nn.Module):
         x = self.final_block(torch.cat([x, x_first], dim=1), t_emb)
         x = self.final_conv(x)[:, :, :height, :width]
         if self.cfg.noise_skip:
-            x = x + self.cfg.noise_skip * (x_t - mu)
+            x = x + self.cfg.noise_skip * residual
         return x
 
     @staticmethod

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mar_rt.errors import BackendUnavailableError
+from mar_rt.export.ort import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,6 @@ class EnvInfo:
 
 
 # --- probes (each returns a partial dict and notes; none raises) -------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -220,7 +211,7 @@ def probe_environment() -> EnvInfo:
     return EnvInfo(
         python=platform.python_version(),
         platform=platform.platform(),
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         cpu_cores=_cpu_cores(),
         notes=tuple(notes),
         **info,

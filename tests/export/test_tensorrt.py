@@ -161,8 +161,7 @@ def _fake_tensorrt(version: str, fail: str = "") -> types.ModuleType:
     trt.LayerType = enum.IntEnum("LayerType", "CONVOLUTION NORMALIZATION SOFTMAX")
 
     class ILogger:
-        def __init__(self):
-            pass
+        """Base class of the builder's logger; the fake needs no state."""
 
     class Tensor:
         def __init__(self, name):
