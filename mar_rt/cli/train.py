@@ -8,6 +8,7 @@
 
 Every command works in ``<out>.work`` (pair cache, ``val/`` for ``mar-rt eval``, checkpoints);
 a stage finished by an earlier command is reused, ``--resume`` also continues a stopped one.
+``--init-from BUNDLE`` (``sde``, ``bundle``) starts the U-Nets from that bundle's weights.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of data, initialisati
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from checkpoints.")]
 WorkOpt = Annotated[Path | None, typer.Option("--work", help="Work folder (default: <out>.work).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+InitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--init-from",
+        help="Bundle whose U-Nets (same config and SDE) are the starting weights (fine-tune).",
+    ),
+]
 ThreadsOpt = Annotated[
     int, typer.Option("--threads", help="torch CPU threads (0: torch's default).", min=0)
 ]
@@ -63,6 +71,7 @@ def _run(
     work: Path | None,
     quiet: bool,
     threads: int = 0,
+    init_from: Path | None = None,
 ) -> None:
     import torch
 
@@ -76,7 +85,7 @@ def _run(
         recipe = recipe_config(config, device=device, seed=seed)
         report = train_bundle(
             data, out, recipe=recipe, device=device, max_minutes=max_minutes, work_dir=work,
-            resume=resume, progress=not quiet, stages=stages,
+            resume=resume, progress=not quiet, stages=stages, init_from=init_from,
         )  # fmt: skip
     except (MarRtError, ValueError) as exc:
         raise _fail(str(exc)) from exc
@@ -126,25 +135,32 @@ def register(app: typer.Typer) -> None:
         domain: Annotated[str, typer.Option("--domain", help="image|sinogram|residual")] = "image",
         config: ConfigOpt = "tiny", device: DeviceOpt = "cpu", max_minutes: MinutesOpt = None,
         seed: SeedOpt = 0, resume: ResumeOpt = False, work: WorkOpt = None,
-        quiet: QuietOpt = False, threads: ThreadsOpt = 0,
+        quiet: QuietOpt = False, threads: ThreadsOpt = 0, init_from: InitOpt = None,
     ) -> None:  # fmt: skip
         """Train one IR-SDE U-Net (both DuDoCLIPs must be trained; residual needs image and
         sinogram), then write the bundle."""
         if domain not in _DOMAINS["sde"]:
             raise _fail(f"--domain must be one of {_DOMAINS['sde']}, got {domain!r}")
         stages = ("data", f"unet_{domain}") + (("residual_data",) if domain == "residual" else ())
-        _run(stages, data, out, config, device, max_minutes, seed, resume, work, quiet, threads)
+        _run(
+            stages, data, out, config, device, max_minutes, seed, resume, work, quiet, threads,
+            init_from,
+        )  # fmt: skip
 
     @train_app.command("bundle")
     def bundle_cmd(
         data: DataOpt, out: OutOpt, config: ConfigOpt = "tiny", device: DeviceOpt = "cpu",
         max_minutes: MinutesOpt = None, seed: SeedOpt = 0, resume: ResumeOpt = False,
         work: WorkOpt = None, quiet: QuietOpt = False, threads: ThreadsOpt = 0,
+        init_from: InitOpt = None,
     ) -> None:  # fmt: skip
         """Train the whole bundle in order with per-stage time budgets."""
         from mar_rt.train.recipe import STAGES
 
-        _run(STAGES, data, out, config, device, max_minutes, seed, resume, work, quiet, threads)
+        _run(
+            STAGES, data, out, config, device, max_minutes, seed, resume, work, quiet, threads,
+            init_from,
+        )  # fmt: skip
 
     @train_app.command("export-sources")
     def export_cmd(

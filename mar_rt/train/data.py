@@ -556,7 +556,7 @@ class DomainData:
 
 def sample_batch(
     data: DomainData, batch: int, patch: int | None, gen: torch.Generator, *,
-    jitter: float = 0.03, p_focus: float = 0.7, augment: bool = True,
+    jitter: float = 0.0, p_focus: float = 0.7, augment: bool = True,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A random batch of augmented patches: ``x0``, ``mu``, ``weight`` (B, 1, P, P) and the
     embeddings (B, D), on the data's device.

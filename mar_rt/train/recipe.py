@@ -22,7 +22,8 @@ short still leaves a usable bundle. Validation during training and stages 7 and 
 (an allowed exception: validation must go through the real pipeline).
 
 Checkpoints live in ``<work>/ckpt``; ``resume`` skips finished stages and continues a
-U-Net run from its checkpoint.
+U-Net run from its checkpoint. ``init_from`` (a bundle) starts every U-Net from that bundle's
+weights instead of ``identity_init``: fine-tuning an existing bundle with a new recipe or data.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 from mar_rt.ct import metrics
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.errors import MarRtError
-from mar_rt.models.bundle import save_bundle
+from mar_rt.models.bundle import Bundle, load_bundle, save_bundle
 from mar_rt.models.sde import SDEConfig, make_schedule
 from mar_rt.models.unet import ConditionalUNet, UNetConfig
 from mar_rt.train import data as D
@@ -379,6 +380,7 @@ class Run:
     train: D.PairSet | None = None
     val: D.PairSet | None = None
     emb: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    init: dict[str, dict[str, torch.Tensor]] | None = None  # U-Net name → starting weights
 
     def ckpt(self, name: str) -> Path:
         (self.work / "ckpt").mkdir(parents=True, exist_ok=True)
@@ -478,11 +480,37 @@ def _stage_clip(run: Run, domain: str) -> None:
         run.emb[f"val_{domain}"] = embed(model, D.clip_inputs(run.val, domain))
 
 
+UNET_NAMES = ("unet_image", "unet_sinogram", "unet_residual")
+
+
+def open_init_bundle(folder: str | os.PathLike[str], recipe: RecipeConfig) -> Bundle:
+    """The bundle a fine-tuning run starts from: it must hold the three U-Nets with exactly
+    the recipe's U-Net config and the same SDE (otherwise ε̂ would mean something else)."""
+    bundle = load_bundle(folder)
+    where = bundle.manifest_path
+    if bundle.sde != recipe.sde:
+        raise MarRtError(f"{where}: the SDE {bundle.sde} differs from the recipe's {recipe.sde}")
+    for name in UNET_NAMES:
+        if name not in bundle.network_names:
+            raise MarRtError(f"{where}: no network {name!r} to start from")
+        cfg = bundle.network_config(name)
+        if cfg != recipe.unet:
+            raise MarRtError(
+                f"{where}: {name} config {cfg} differs from the recipe's {recipe.unet}"
+            )
+    return bundle
+
+
 def _new_unet(run: Run, domain: str) -> ConditionalUNet:
+    """A U-Net to train: the ``init_from`` bundle's weights (fp32), else seeded
+    ``identity_init``."""
     offset = {"image": 10, "sinogram": 11, "residual": 12}[domain]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.recipe.data.seed + offset)
         unet = ConditionalUNet(run.recipe.unet)
+    if run.init is not None:
+        unet.load_state_dict(run.init[f"unet_{domain}"], strict=True)
+        return unet
     return identity_init(unet, run.recipe.sde.lam) if run.recipe.identity_init else unet
 
 
@@ -685,15 +713,25 @@ def train_bundle(
     resume: bool = False,
     progress: bool = True,
     stages: Sequence[str] = STAGES,
+    init_from: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train every network of a bundle from clean slices ``sources`` (a folder, see
     ``load_clean_slices``, or CleanSlices) and write the bundle to ``out``.
+
+    ``init_from``: a bundle whose U-Nets (same config and SDE as the recipe, checked before
+    any stage runs) are the starting weights of the U-Nets trained here.
 
     ``max_minutes`` is the whole run's wall-time budget (None: the recipe's step counts);
     ``work_dir`` (default ``<out>.work``) holds the pair cache, the validation set (``val/``,
     readable by ``mar-rt eval``) and checkpoints. Returns the training report (also written to
     ``out/train_report.json``).
     """
+    init = open_init_bundle(init_from, recipe) if init_from is not None else None
+    # read now: ``out`` may be the init bundle itself, rewritten after each U-Net stage
+    states = (
+        {n: {k: v.float() for k, v in init.state_dict(n).items()} for n in UNET_NAMES}
+        if init is not None else None
+    )  # fmt: skip
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
@@ -704,12 +742,17 @@ def train_bundle(
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {STAGES}")
     clock = Clock(max_minutes, [(s, w) for s, w in recipe.budget if s in stages or s == "data"])
-    run = Run(recipe, device, work, out, resume, progress, clock, tuple(stages))
+    run = Run(recipe, device, work, out, resume, progress, clock, tuple(stages), init=states)
     run.report = {
         "recipe": recipe.to_dict(), "device": device, "max_minutes": max_minutes,
         "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "work_dir": str(work),
     }  # fmt: skip
+    if init is not None:
+        run.report["init_from"] = {
+            "bundle": str(init.folder),
+            "sha256": {n: init.config["networks"][n]["sha256"] for n in UNET_NAMES},
+        }
     if torch.device(device).type == "cuda":
         run.report["gpu"] = torch.cuda.get_device_name(torch.device(device))
     slices = (

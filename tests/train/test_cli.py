@@ -83,3 +83,56 @@ def test_losses_recorded_for_every_network(smoke_run):
         assert [v["step"] for v in stage["val"]] == [2, 3]
         assert all("psnr" in v for v in stage["val"]), stage["val"]
     assert report["stages"]["clip_image"]["zero_shot"]["after"]["n"] == 1
+
+
+def test_init_from_starts_the_unets_at_the_bundle_weights(smoke_run):
+    import torch
+
+    from mar_rt.cli import app
+    from mar_rt.models.bundle import load_bundle, save_bundle
+
+    root, _ = smoke_run
+    trained = load_bundle(root / "bundle")
+    # a start bundle whose image U-Net is visibly not the one the smoke run would give
+    nets = {n: trained.build(n) for n in trained.network_names}
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in nets["unet_image"].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    keys = ("sde", "geometry", "normalisation", "pipeline", "prompt_version")
+    save_bundle(root / "start", {k: trained.config[k] for k in keys}, nets)
+    args = ["train", "sde", "--domain", "image", "--config", "smoke", "--data", str(root / "src"),
+            "--out", str(root / "tuned"), "--work", str(root / "bundle.work"),
+            "--init-from", str(root / "start"), "--quiet", "--threads", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    start, tuned = load_bundle(root / "start"), load_bundle(root / "tuned")
+    report = json.loads((root / "tuned" / "train_report.json").read_text())
+    assert (
+        report["init_from"]["sha256"]["unet_image"]
+        == (start.config["networks"]["unet_image"]["sha256"])
+    )
+    assert report["stages"]["unet_image"]["steps"] == 3
+
+    def weights(bundle):
+        return {k: v.float() for k, v in bundle.state_dict("unet_image").items()}
+
+    def distance(a, b):
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    before, after, smoke = weights(start), weights(tuned), weights(trained)
+    moved = distance(after, before)
+    assert 0 < moved < 0.01  # three AdamW steps (lr 2e-4) plus fp16 storage rounding
+    assert distance(after, smoke) > 0.1  # not the identity-initialised run of the fixture
+
+
+def test_init_from_refuses_a_bundle_of_another_config(smoke_run):
+    from mar_rt.cli import app
+
+    root, _ = smoke_run
+    args = ["train", "sde", "--domain", "image", "--config", "tiny", "--data", str(root / "src"),
+            "--out", str(root / "other"), "--init-from", str(root / "bundle")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "bundle.json" in result.output and "differs from the recipe" in result.output
+    assert not (root / "other").exists()
