@@ -61,9 +61,9 @@ class SDETrainConfig:
     reference's Euler-step form) or ``"posterior"`` (``posterior_loss``, for short schedules
     whose T equals the sampling steps; module docstring). ``jitter`` scales target and μ
     together by 1 ± jitter (``sample_batch``); it is off by default because μ and line
-    integrals are calibrated: a network trained on rescaled pairs cannot tell absolute
-    intensity and so cannot learn intensity-dependent corrections such as bone beam hardening
-    (NMAR leaves bone +0.026 cm⁻¹ high; model card of the demo bundle)."""
+    integrals are calibrated, so a rescaled pair is not an input the network will meet. (It
+    made no measurable difference in an 811-step fine-tune of the demo image U-Net: 38.51 dB
+    without it, 38.54 dB with 0.03, on the 20 validation cases.)"""
 
     steps: int = 2000
     batch: int = 8
