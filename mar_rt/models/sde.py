@@ -207,13 +207,12 @@ def posterior_coefficients(schedule: Schedule, steps: int | None = None) -> Step
     """
     s = _sampling_schedule(schedule, steps)
     t = np.arange(s.T, 0, -1)
-    A = np.exp(-s.thetas[t] * s.dt)
-    B = np.exp(-s.thetas_cumsum[t] * s.dt)
-    C = np.exp(-s.thetas_cumsum[t - 1] * s.dt)
-    one_minus_b2 = 1.0 - B**2
-    a = A * (1.0 - C**2) / one_minus_b2 + C * (1.0 - A**2) / (one_minus_b2 * B)
-    b = C * (1.0 - A**2) * s.sigma_bars[t] / (one_minus_b2 * B)
-    c = s.lam * np.sqrt(np.clip((1.0 - A**2) * (1.0 - C**2) / one_minus_b2, 0.0, None))
+    A, B, C = _step_decays(s, t)
+    term_x, term_0 = (w[t] for w in _posterior_mean_terms(s))
+    # posterior mean with x̂₀ = μ + (x_t − μ − σ̄_t ε̂)/B substituted for x₀
+    a = term_x + term_0 / B
+    b = term_0 * s.sigma_bars[t] / B
+    c = s.lam * np.sqrt(np.clip((1.0 - A**2) * (1.0 - C**2) / (1.0 - B**2), 0.0, None))
     # t = 1: the posterior mean is x̂₀ itself.
     a[-1] = 1.0 / B[-1]
     b[-1] = s.sigma_bars[1] / B[-1]
@@ -373,13 +372,15 @@ def _check_loss_t(name: str, t: int | torch.Tensor, T: int) -> None:
         raise ValueError(f"{name}: t must lie in 1..{T}, got {t!r}")
 
 
+def _step_decays(schedule: Schedule, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, C) = (e^{−θ_tΔ}, e^{−θ̄_tΔ}, e^{−θ̄_{t−1}Δ}) for integer t ≥ 1."""
+    return np.exp(-schedule.thetas[t] * schedule.dt), schedule.decay(t), schedule.decay(t - 1)
+
+
 def _posterior_mean_terms(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
     """A(1−C²)/(1−B²) and C(1−A²)/(1−B²) for t = 0..T (0 at t = 0): the weights of x_t − μ and
     x₀ − μ in the posterior mean of x_{t−1}."""
-    idx = np.arange(1, schedule.T + 1)
-    A = np.exp(-schedule.thetas[idx] * schedule.dt)
-    B = np.exp(-schedule.thetas_cumsum[idx] * schedule.dt)
-    C = np.exp(-schedule.thetas_cumsum[idx - 1] * schedule.dt)
+    A, B, C = _step_decays(schedule, np.arange(1, schedule.T + 1))
     pad = np.zeros(1)
     return (
         np.concatenate([pad, A * (1 - C**2) / (1 - B**2)]),
