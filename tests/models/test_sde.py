@@ -248,15 +248,22 @@ def test_forward_marginal_per_sample_t():
     torch.testing.assert_close(forward_marginal(x0, mu, 0, sched, z), x0)
 
 
+def _loss_batch(sched, t, *, seed, size, mu_spread, eps_err):
+    """(x0, μ, z, x_t, ε̂) in float64: μ = x0 + mu_spread·noise, x_t on the forward marginal,
+    ε̂ = z + eps_err·noise (one sample per entry of t)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(len(t), 1, size, size, generator=g, dtype=torch.float64)
+    mu = x0 + mu_spread * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x_t = forward_marginal(x0, mu, t, sched, z)
+    eps_hat = z + eps_err * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    return x0, mu, z, x_t, eps_hat
+
+
 def test_ml_loss_matches_formula_and_is_consistent():
     sched = make_schedule(SDEConfig())
-    g = torch.Generator().manual_seed(5)
-    x0 = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64)
-    mu = x0 + 0.3 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.tensor([1, 10, 60, 100])
-    x_t = forward_marginal(x0, mu, t, sched, z)
-    eps_hat = z + 0.1 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x0, mu, z, x_t, eps_hat = _loss_batch(sched, t, seed=5, size=8, mu_spread=0.3, eps_err=0.1)
     loss = ml_loss(eps_hat, x_t, x0, mu, t, sched)
     # numpy re-statement of DESIGN §7.3 per sample
     ref = []
@@ -283,13 +290,8 @@ def test_ml_loss_matches_formula_and_is_consistent():
 def test_posterior_loss_is_the_gap_between_conjugate_posterior_means(schedule):
     # short schedule (T = 4): here the Euler-form ml_loss and the posterior step disagree
     sched = make_schedule(SDEConfig(T=4, max_sigma=10, schedule=schedule))
-    g = torch.Generator().manual_seed(6)
-    x0 = torch.rand(4, 1, 6, 6, generator=g, dtype=torch.float64)
-    mu = x0 + 0.05 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.tensor([1, 2, 3, 4])
-    x_t = forward_marginal(x0, mu, t, sched, z)
-    eps_hat = z + 0.2 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x0, mu, z, x_t, eps_hat = _loss_batch(sched, t, seed=6, size=6, mu_spread=0.05, eps_err=0.2)
     per = posterior_loss(eps_hat, x_t, x0, mu, t, sched, reduction="none")
     for i, ti in enumerate(t.tolist()):
         B = math.exp(-sched.thetas_cumsum[ti] * sched.dt)
