@@ -366,7 +366,7 @@ def true_noise(
 def _check_loss_t(name: str, t: int | torch.Tensor, T: int) -> None:
     """ValueError unless every t lies in 1..T (a loss needs a previous state t − 1)."""
     if isinstance(t, torch.Tensor):
-        if bool((t < 1).any()) or bool((t > T).any()):
+        if bool(((t < 1) | (t > T)).any()):  # one host sync
             raise ValueError(f"{name}: t must lie in 1..{T}")
     elif not 1 <= int(t) <= T:
         raise ValueError(f"{name}: t must lie in 1..{T}, got {t!r}")

@@ -638,8 +638,8 @@ def with_nmar(pairs: PairSet, *, batch: int = 8) -> PairSet:
         y, x, _ = nmar_from_li(
             f["ma_sinogram"][sl], f["LI_CT"][sl], f["mask"][sl], f["metal_trace"][sl], proj
         )
-        xs.append(x.float())
-        ys.append(y.float())
+        xs.append(x)
+        ys.append(y)
     return PairSet(pairs.metas, {**f, "NMAR_CT": torch.cat(xs), "NMAR_sinogram": torch.cat(ys)})
 
 

@@ -480,7 +480,7 @@ def _stage_clip(run: Run, domain: str) -> None:
         run.emb[f"val_{domain}"] = embed(model, D.clip_inputs(run.val, domain))
 
 
-UNET_NAMES = ("unet_image", "unet_sinogram", "unet_residual")
+UNET_NAMES = tuple(n for n in NETWORKS if n.startswith("unet_"))
 
 
 def open_init_bundle(folder: str | os.PathLike[str], recipe: RecipeConfig) -> Bundle:
@@ -749,9 +749,10 @@ def train_bundle(
         "work_dir": str(work),
     }  # fmt: skip
     if init is not None:
+        nets = init.config["networks"]
         run.report["init_from"] = {
             "bundle": str(init.folder),
-            "sha256": {n: init.config["networks"][n]["sha256"] for n in UNET_NAMES},
+            "sha256": {n: nets[n]["sha256"] for n in UNET_NAMES},
         }
     if torch.device(device).type == "cuda":
         run.report["gpu"] = torch.cuda.get_device_name(torch.device(device))

@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 Validator = Callable[[ConditionalUNet, int], dict[str, Any]]
 
 
+LOSSES = {"ml": ml_loss, "posterior": posterior_loss}
+
+
 @dataclass(frozen=True, kw_only=True)
 class SDETrainConfig:
     """One U-Net's training run. ``patch`` None trains on whole images; ``max_minutes`` stops
@@ -83,6 +86,12 @@ class SDETrainConfig:
     log_every: int = 50
     val_every: int = 0
     ckpt_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(
+                f"SDETrainConfig: loss must be one of {sorted(LOSSES)}, got {self.loss!r}"
+            )
 
 
 @dataclass
@@ -131,8 +140,7 @@ def training_loss(
     x_t = forward_marginal(x0, mu, t, schedule, z)
     cond = unet.condition(batch["content"] * keep, batch["artifact"] * keep)
     eps = unet(x_t, mu, t.to(torch.float32), cond)
-    loss_fn = {"ml": ml_loss, "posterior": posterior_loss}[loss]
-    per_pixel = loss_fn(eps, x_t, x0, mu, t, schedule, reduction="none")
+    per_pixel = LOSSES[loss](eps, x_t, x0, mu, t, schedule, reduction="none")
     if eps_weight:
         per_pixel = per_pixel + eps_weight * (eps - z).abs()
     return (per_pixel * w).sum() / w.sum().clamp(min=1.0)

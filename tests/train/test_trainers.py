@@ -215,3 +215,8 @@ def test_clip_training_lowers_the_loss_and_only_moves_the_controller(toy_clip):
         assert torch.equal(v, frozen[k]), k
     assert "before" in res.zero_shot and "after" in res.zero_shot
     assert res.zero_shot["after"]["chance_uniform"] == pytest.approx(1 / 21)
+
+
+def test_unknown_loss_is_refused_when_configured():
+    with pytest.raises(ValueError, match="loss must be one of"):
+        SDETrainConfig(loss="l2")
