@@ -74,6 +74,7 @@ __all__ = [
     "anatomy_from_image",
     "content_text",
     "artifact_text",
+    "zero_shot_class",
     "zero_shot_labels",
     "zero_shot_target",
     "template_digest",
@@ -489,6 +490,14 @@ def zero_shot_target(facts: PromptFacts) -> int:
         return 0
     size = SIZE_CLASSES.index(facts.metal.size_class)
     return 1 + size * len(SEVERITIES) + SEVERITIES.index(facts.severity)
+
+
+def zero_shot_class(index: int) -> tuple[str, str]:
+    """(size class, severity) of zero-shot label ``index``; ``(NO_METAL, "none")`` for 0."""
+    if index == 0:
+        return NO_METAL, "none"
+    size, severity = divmod(index - 1, len(SEVERITIES))
+    return SIZE_CLASSES[size], SEVERITIES[severity]
 
 
 def template_digest() -> str:

@@ -301,18 +301,24 @@ def zero_shot_report(
     model: DuDoCLIP, inputs: torch.Tensor, metas: Sequence[PairMeta]
 ) -> dict[str, Any]:
     """PI_s: zero-shot accuracy of artifact_emb over ``zero_shot_labels`` on ``inputs``, with
-    uniform chance (1/21) and the majority-class rate for reference."""
+    uniform chance (1/21) and the majority-class rate for reference; ``size_accuracy`` and
+    ``severity_accuracy``: how often the predicted label's size class / severity is right."""
     labels = prompts.zero_shot_labels()
-    device = model.logit_scale.device
     label_emb = project_text(model, text_features(model, labels))
     _, artifact = embed(model, inputs)
     pred = (F.normalize(artifact, dim=-1) @ F.normalize(label_emb, dim=-1).T).argmax(dim=-1)
-    target = torch.tensor([m.zero_shot_target() for m in metas], device=device)
-    counts = torch.bincount(target, minlength=len(labels))
+    pred_class = [prompts.zero_shot_class(int(p)) for p in pred.cpu()]
+    target = [m.zero_shot_target() for m in metas]
+    true_class = [prompts.zero_shot_class(t) for t in target]
+    counts = torch.bincount(torch.tensor(target), minlength=len(labels))
+    n = len(metas)
+    pairs = list(zip(pred_class, true_class, strict=True))
     return {
-        "accuracy": float((pred == target).float().mean()),
+        "accuracy": sum(p == t for p, t in zip(pred.tolist(), target, strict=True)) / n,
+        "size_accuracy": sum(p[0] == t[0] for p, t in pairs) / n,
+        "severity_accuracy": sum(p[1] == t[1] for p, t in pairs) / n,
         "chance_uniform": 1.0 / len(labels),
-        "majority_rate": float(counts.max()) / len(metas),
-        "n": len(metas),
+        "majority_rate": float(counts.max()) / n,
+        "n": n,
         "classes_present": int((counts > 0).sum()),
     }

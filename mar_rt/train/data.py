@@ -178,7 +178,14 @@ def describe_pair(
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """How training pairs are drawn. ``masks_per_slice`` pairs per real slice,
-    ``phantoms`` procedural slices with ``phantom_masks`` pairs each."""
+    ``phantoms`` procedural slices with ``phantom_masks`` pairs each.
+
+    ``clip_*``: DuDoCLIP's own, larger set, counted the same way (0: DuDoCLIP trains on the
+    U-Net pairs). Its controller learns the metal and the artifacts, which vary with the
+    mask far more than with the slice, so it needs many masks; it only sees tower-size
+    inputs, so only those are kept (:func:`clip_set`). ``clip_val_masks``: training-style
+    masks (every size bin, every material) per validation slice for the zero-shot check
+    (0: the validation set)."""
 
     masks_per_slice: int = 8
     phantoms: int = 12
@@ -186,6 +193,19 @@ class DataConfig:
     seed: int = 0
     val_ids: tuple[str, ...] = VAL_IDS
     val_sizes: tuple[int, ...] = VAL_SIZES_PX
+    clip_masks_per_slice: int = 0
+    clip_phantoms: int = 0
+    clip_phantom_masks: int = 0
+    clip_val_masks: int = 0
+
+    def clip_counts(self) -> DataConfig:
+        """This config with DuDoCLIP's counts as the pair counts (for :func:`training_jobs`)."""
+        return dataclasses.replace(
+            self,
+            masks_per_slice=self.clip_masks_per_slice,
+            phantoms=self.clip_phantoms,
+            phantom_masks=self.clip_phantom_masks,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -419,6 +439,76 @@ def training_jobs(slices: Sequence[CleanSlice], cfg: DataConfig) -> list[tuple[i
     for k in range(max(per, default=0)):
         jobs += [(i, k, None) for i, n in enumerate(per) if k < n]
     return jobs
+
+
+@dataclass
+class ClipSet:
+    """DuDoCLIP's pairs at tower size: ``inputs[domain]`` (N, 1, S, S) is :func:`clip_inputs`
+    resized to S² as DuDoCLIP resizes (bilinear, half-pixel centres), one PairMeta each."""
+
+    metas: list[PairMeta]
+    inputs: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+
+def _tower_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def clip_set(
+    slices: Sequence[CleanSlice],
+    jobs: Sequence[tuple[int, int, int | None]],
+    *,
+    seed: int,
+    size: int,
+    device: str | torch.device = "cpu",
+    cache_file: str | os.PathLike[str] | None = None,
+    chunk: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> ClipSet:
+    """Simulate the pairs ``jobs`` of ``slices`` exactly as :func:`generate_pairs` does (same
+    seeds: a case here equals the U-Net set's case of the same name) and keep only both
+    domains' CLIP inputs at ``size``², ``chunk`` pairs in memory at a time.
+
+    ``cache_file``: one torch file holding the set and its key (seed, size, the cases, the
+    prompt templates' digest); read when the key matches, else rewritten (temporary name,
+    then rename).
+    """
+    key = json.dumps(
+        {
+            "seed": int(seed),
+            "size": int(size),
+            "cases": [f"{slices[i].slice_id}/{k}/{s}" for i, k, s in jobs],
+            "prompts": prompts.template_digest(),
+        }
+    )
+    path = Path(cache_file) if cache_file is not None else None
+    if path is not None and path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("key") == key:
+            metas = [PairMeta.from_dict(d) for d in json.loads(stored["metas"])]
+            return ClipSet(metas, {d: stored[d] for d in ("image", "sinogram")})
+        log.info("%s: made for other pairs; simulating again", path)
+    metas: list[PairMeta] = []
+    parts: dict[str, list[torch.Tensor]] = {"image": [], "sinogram": []}
+    for i in range(0, len(jobs), chunk):
+        pairs = generate_pairs(slices, jobs[i : i + chunk], seed=seed, device=device)
+        for domain, out in parts.items():
+            out.append(_tower_size(clip_inputs(pairs, domain), size).cpu())
+        metas += pairs.metas
+        if progress is not None:
+            progress(len(metas), len(jobs))
+    if not metas:
+        raise BadInputError("clip_set: no pairs to simulate")
+    inputs = {d: torch.cat(v) for d, v in parts.items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"key": key, "metas": json.dumps([m.to_dict() for m in metas]), **inputs}, tmp)
+        os.replace(tmp, path)
+    return ClipSet(metas, inputs)
 
 
 def validation_jobs(

@@ -201,8 +201,9 @@ def recipe_config(name: str = "tiny", *, device: str = "cpu", seed: int = 0) -> 
             linear_attn_head_dim=8, transformer_levels=(3,), norm_groups=4,
         )  # fmt: skip
         data = D.DataConfig(
-            masks_per_slice=1, phantoms=0, phantom_masks=0, seed=seed, val_sizes=(451,)
-        )
+            masks_per_slice=1, phantoms=0, phantom_masks=0, seed=seed, val_sizes=(451,),
+            clip_masks_per_slice=2, clip_val_masks=1,
+        )  # fmt: skip
         clip_train = ClipTrainConfig(steps=3, batch=2, seed=seed, log_every=0)
         img = SDETrainConfig(
             steps=3, batch=2, patch=32, warmup=1, seed=seed, log_every=0, val_every=2
@@ -379,6 +380,8 @@ class Run:
     report: dict[str, Any] = field(default_factory=dict)
     train: D.PairSet | None = None
     val: D.PairSet | None = None
+    clip_train: D.ClipSet | None = None  # DuDoCLIP's own pairs (``DataConfig.clip_*``)
+    clip_val: D.ClipSet | None = None  # its zero-shot (PI_s) cases
     emb: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     init: dict[str, dict[str, torch.Tensor]] | None = None  # U-Net name → starting weights
 
@@ -438,13 +441,43 @@ def _stage_data(run: Run, slices: Sequence[CleanSlice]) -> None:
         progress=(lambda i, n: log.info("data: pair %d/%d", i, n)) if run.progress else None,
     )  # fmt: skip
     D.check_no_validation(run.train.metas, r.data.val_ids)
+    clip_info = {}
+    if {"data", "clip_image", "clip_sinogram"} & set(run.stages):
+        _clip_data(run, slices, val_slices)
+        if run.clip_train is not None:
+            clip_info["clip_pairs"] = len(run.clip_train)
+        if run.clip_val is not None:
+            clip_info["clip_val_cases"] = len(run.clip_val)
     run.stage_done(
         "data", time.monotonic() - t0, train_pairs=len(run.train),
         train_slices=sorted({m.slice_id for m in run.train.metas}),
         val_cases=0 if run.val is None else len(run.val),
         val_slices=[s.slice_id for s in val_slices],
-        sources={s.slice_id: s.source for s in list(slices) + phantoms[:1]},
+        sources={s.slice_id: s.source for s in list(slices) + phantoms[:1]}, **clip_info,
     )  # fmt: skip
+
+
+def _clip_data(run: Run, slices: Sequence[CleanSlice], val_slices: Sequence[CleanSlice]) -> None:
+    """DuDoCLIP's own training pairs and PI_s cases (``DataConfig.clip_*``), cached in
+    ``<work>/cache``; the same seeds as the U-Net pairs."""
+    r = run.recipe
+    counts = r.data.clip_counts()
+    log_progress = (lambda i, n: log.info("clip data: pair %d/%d", i, n)) if run.progress else None
+    common = {"seed": r.data.seed, "size": r.clip.image_size, "device": run.device}
+    if counts.masks_per_slice or counts.phantom_masks:
+        phantoms = D.phantom_slices(counts.phantoms, r.data.seed)
+        train_slices, _ = D.split_slices(list(slices) + phantoms, r.data.val_ids)
+        run.clip_train = D.clip_set(
+            train_slices, D.training_jobs(train_slices, counts), **common,
+            cache_file=run.work / "cache" / "clip_train.pt", progress=log_progress,
+        )  # fmt: skip
+        D.check_no_validation(run.clip_train.metas, r.data.val_ids)
+    if r.data.clip_val_masks and val_slices:
+        per = dataclasses.replace(counts, masks_per_slice=r.data.clip_val_masks)
+        run.clip_val = D.clip_set(
+            val_slices, D.training_jobs(val_slices, per), **common,
+            cache_file=run.work / "cache" / "clip_val.pt",
+        )  # fmt: skip
 
 
 def _stage_clip(run: Run, domain: str) -> None:
@@ -462,11 +495,19 @@ def _stage_clip(run: Run, domain: str) -> None:
     else:
         t0 = time.monotonic()
         cfg = dataclasses.replace(r.clip_train, max_minutes=run.clock.stage_minutes(name))
-        val_inputs = D.clip_inputs(run.val, domain) if run.val is not None else None
+        if run.clip_train is not None:
+            inputs, metas = run.clip_train.inputs[domain], run.clip_train.metas
+        else:
+            inputs, metas = D.clip_inputs(run.train, domain), run.train.metas
+        val_inputs, val_metas = None, None
+        if run.clip_val is not None:
+            val_inputs, val_metas = run.clip_val.inputs[domain], run.clip_val.metas
+        elif run.val is not None:
+            val_inputs, val_metas = D.clip_inputs(run.val, domain), run.val.metas
         res = train_clip(
-            model, D.clip_inputs(run.train, domain), run.train.metas, cfg, domain=domain,
-            val_inputs=val_inputs, val_metas=None if run.val is None else run.val.metas,
-            progress=run.progress,
+            model, inputs.to(run.device), metas, cfg, domain=domain,
+            val_inputs=None if val_inputs is None else val_inputs.to(run.device),
+            val_metas=val_metas, progress=run.progress,
         )  # fmt: skip
         torch.save(model.state_dict(), ck)
         run.stage_done(

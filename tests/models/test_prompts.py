@@ -290,6 +290,7 @@ def test_zero_shot_round_trip():
             pair = _pair(disc(r), severity)
             assert pair.metal.size_class == size
             i = zero_shot_target(pair)
+            assert prompts.zero_shot_class(i) == (size, severity)
             seen.add(i)
             label = labels[i]
             words = prompts._SIZE_WORDS[size]
@@ -299,6 +300,7 @@ def test_zero_shot_round_trip():
             assert prompts._severity_phrase(severity, 0, 0) in artifact_text(pair, seed=0)
     assert seen == set(range(1, len(labels)))
     assert zero_shot_target(_pair(np.zeros((N, N), bool), "none")) == 0
+    assert prompts.zero_shot_class(0) == (prompts.NO_METAL, "none")
     assert "without metal" in labels[0]
 
 

@@ -160,3 +160,41 @@ def test_generate_pairs_cache_round_trip(tmp_path):
     torch.testing.assert_close(dom.mu[0, 0], units.image_to_net(ref["nmar_image"]))
     with pytest.raises(ValueError, match="NMAR_CT"):
         D.image_domain(first, torch.zeros(1, 4), torch.zeros(1, 4), mu_source="nmar")
+
+
+def test_clip_set_is_what_dudoclip_sees_of_the_pairs_and_caches(tmp_path, monkeypatch):
+    pytest.importorskip("open_clip")
+    from mar_rt.models.dudoclip import DuDoCLIP, DuDoCLIPConfig
+
+    cfg = DuDoCLIPConfig(
+        embed_dim=16, image_size=32,
+        vision_cfg={"layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+    )  # fmt: skip
+    model = DuDoCLIP(cfg, seed=3).eval()
+    slices = [CleanSlice("toy_a", ellipse_phantom(11, region="pelvis"), "phantom", "generated")]
+    jobs = [(0, 0, None), (0, 3, None)]
+    cache = tmp_path / "clip.pt"
+    small = D.clip_set(slices, jobs, seed=7, size=32, cache_file=cache, chunk=1)
+    pairs = D.generate_pairs(slices, jobs, seed=7)
+    assert small.metas == pairs.metas
+    with torch.no_grad():
+        for domain in ("image", "sinogram"):
+            full = D.clip_inputs(pairs, domain)
+            assert small.inputs[domain].shape == (2, 1, 32, 32)
+            # the tower-size input embeds exactly as the full-size one does
+            for a, b in zip(model(small.inputs[domain]), model(full), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("simulated although the cache holds these pairs")
+
+    monkeypatch.setattr(D, "generate_pairs", no_simulation)
+    again = D.clip_set(slices, jobs, seed=7, size=32, cache_file=cache)
+    assert again.metas == small.metas
+    for domain, x in small.inputs.items():
+        assert torch.equal(again.inputs[domain], x)
+    # another seed is another set: the stale cache is not read
+    with pytest.raises(AssertionError, match="simulated although"):
+        D.clip_set(slices, jobs, seed=8, size=32, cache_file=cache)
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -220,3 +220,31 @@ def test_clip_training_lowers_the_loss_and_only_moves_the_controller(toy_clip):
 def test_unknown_loss_is_refused_when_configured():
     with pytest.raises(ValueError, match="loss must be one of"):
         SDETrainConfig(loss="l2")
+
+
+def test_zero_shot_report_scores_labels_and_their_factors(toy_clip, monkeypatch):
+    from mar_rt.models import prompts
+    from mar_rt.train import clip_trainer as C
+
+    label_emb = C.project_text(toy_clip, C.text_features(toy_clip, prompts.zero_shot_labels()))
+    predicted = [5, 7, 14]  # small/none, small/moderate, large/mild
+
+    def embed_as_labels(model, inputs):  # artifact_emb = the predicted label's own embedding
+        return label_emb[predicted], label_emb[predicted]
+
+    monkeypatch.setattr(C, "embed", embed_as_labels)
+
+    class Meta:
+        def __init__(self, target):
+            self.target = target
+
+        def zero_shot_target(self):
+            return self.target
+
+    # truth: small/none, small/mild, medium/mild
+    report = C.zero_shot_report(toy_clip, torch.zeros(3, 1, 8, 8), [Meta(5), Meta(6), Meta(10)])
+    assert report["accuracy"] == pytest.approx(1 / 3)
+    assert report["size_accuracy"] == pytest.approx(2 / 3)
+    assert report["severity_accuracy"] == pytest.approx(2 / 3)
+    assert (report["n"], report["classes_present"]) == (3, 3)
+    assert report["majority_rate"] == pytest.approx(1 / 3)
