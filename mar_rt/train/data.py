@@ -39,7 +39,9 @@ import torch.nn.functional as F
 
 from mar_rt.ct import units
 from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.mar import fbp_with
 from mar_rt.ct.masks import body_outline, generate_metal_mask, suitable_kinds
+from mar_rt.ct.projector import get_projector
 from mar_rt.ct.simulate import simulate_metal_artifact
 from mar_rt.ct.syndeeplesion import read_case, read_gt, write_case
 from mar_rt.errors import BadInputError
@@ -185,7 +187,8 @@ class DataConfig:
     mask far more than with the slice, so it needs many masks; it only sees tower-size
     inputs, so only those are kept (:func:`clip_set`). ``clip_val_masks``: training-style
     masks (every size bin, every material) per validation slice for the zero-shot check
-    (0: the validation set)."""
+    (0: the validation set). ``clip_clean``: DuDoCLIP's set also holds each training slice's
+    metal-free scan, labelled "no metal" (:func:`clip_set` ``clean``)."""
 
     masks_per_slice: int = 8
     phantoms: int = 12
@@ -197,6 +200,7 @@ class DataConfig:
     clip_phantoms: int = 0
     clip_phantom_masks: int = 0
     clip_val_masks: int = 0
+    clip_clean: bool = False
 
     def clip_counts(self) -> DataConfig:
         """This config with DuDoCLIP's counts as the pair counts (for :func:`training_jobs`)."""
@@ -467,10 +471,16 @@ def clip_set(
     cache_file: str | os.PathLike[str] | None = None,
     chunk: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    clean: bool = False,
 ) -> ClipSet:
     """Simulate the pairs ``jobs`` of ``slices`` exactly as :func:`generate_pairs` does (same
     seeds: a case here equals the U-Net set's case of the same name) and keep only both
     domains' CLIP inputs at ``size``², ``chunk`` pairs in memory at a time.
+
+    ``clean``: add one metal-free scan per slice (case ``<slice_id>/-1``, no metal, zero-shot
+    label "no metal"): the simulator's ``poly_CT`` / ``poly_sinogram`` of the slice's first
+    pair, the same noisy polychromatic scan without the implant. Anatomy alone then points
+    to "no metal", so the controller has to look at the metal and its streaks.
 
     ``cache_file``: one torch file holding the set and its key (seed, size, the cases, the
     prompt templates' digest); read when the key matches, else rewritten (temporary name,
@@ -482,6 +492,7 @@ def clip_set(
             "size": int(size),
             "cases": [f"{slices[i].slice_id}/{k}/{s}" for i, k, s in jobs],
             "prompts": prompts.template_digest(),
+            "clean": bool(clean),
         }
     )
     path = Path(cache_file) if cache_file is not None else None
@@ -495,6 +506,8 @@ def clip_set(
     parts: dict[str, list[torch.Tensor]] = {"image": [], "sinogram": []}
     for i in range(0, len(jobs), chunk):
         pairs = generate_pairs(slices, jobs[i : i + chunk], seed=seed, device=device)
+        if clean:
+            pairs = _with_clean_scans(pairs, slices, {m.slice_id for m in metas})
         for domain, out in parts.items():
             out.append(_tower_size(clip_inputs(pairs, domain), size).cpu())
         metas += pairs.metas
@@ -509,6 +522,32 @@ def clip_set(
         torch.save({"key": key, "metas": json.dumps([m.to_dict() for m in metas]), **inputs}, tmp)
         os.replace(tmp, path)
     return ClipSet(metas, inputs)
+
+
+def _with_clean_scans(pairs: PairSet, slices: Sequence[CleanSlice], done: set[str]) -> PairSet:
+    """``pairs`` plus the metal-free scan (``poly_CT`` = FBP of ``poly_sinogram``, as the
+    simulator reconstructs it) of every slice met here for the first time (not in ``done``).
+    Only the fields :func:`clip_inputs` reads are kept."""
+    images = {s.slice_id: s.image_mu for s in slices}
+    proj = get_projector(_GEOMETRY, device=pairs.device, dtype=torch.float32)
+    metas = list(pairs.metas)
+    ma_ct, ma_sino = [pairs.fields["ma_CT"]], [pairs.fields["ma_sinogram"]]
+    for j, meta in enumerate(pairs.metas):
+        if meta.slice_id in done:
+            continue
+        done = done | {meta.slice_id}
+        poly_sino = pairs.fields["poly_sinogram"][j]
+        poly_ct = fbp_with(proj, poly_sino, "ram-lak").to(torch.float32)
+        image = images[meta.slice_id]
+        metas.append(
+            describe_pair(
+                meta.slice_id, -1, meta.seed, meta.material, "none", image,
+                poly_ct.cpu().numpy(), np.zeros(image.shape, bool),
+            )
+        )  # fmt: skip
+        ma_ct.append(poly_ct[None].to(pairs.device))
+        ma_sino.append(poly_sino[None])
+    return PairSet(metas, {"ma_CT": torch.cat(ma_ct), "ma_sinogram": torch.cat(ma_sino)})
 
 
 def validation_jobs(
@@ -718,7 +757,6 @@ def with_nmar(pairs: PairSet, *, batch: int = 8) -> PairSet:
     """``pairs`` plus ``NMAR_CT`` and ``NMAR_sinogram`` (DESIGN §6 on each pair's measured
     ``ma_sinogram``, its LI result and mask), for ``mu_source="nmar"``."""
     from mar_rt.ct.mar import nmar_from_li
-    from mar_rt.ct.projector import get_projector
 
     f = pairs.fields
     proj = get_projector(_GEOMETRY, device=pairs.device, dtype=torch.float32)

@@ -202,7 +202,7 @@ def recipe_config(name: str = "tiny", *, device: str = "cpu", seed: int = 0) -> 
         )  # fmt: skip
         data = D.DataConfig(
             masks_per_slice=1, phantoms=0, phantom_masks=0, seed=seed, val_sizes=(451,),
-            clip_masks_per_slice=2, clip_val_masks=1,
+            clip_masks_per_slice=2, clip_val_masks=1, clip_clean=True,
         )  # fmt: skip
         clip_train = ClipTrainConfig(steps=3, batch=2, seed=seed, log_every=0)
         img = SDETrainConfig(
@@ -470,6 +470,7 @@ def _clip_data(run: Run, slices: Sequence[CleanSlice], val_slices: Sequence[Clea
         run.clip_train = D.clip_set(
             train_slices, D.training_jobs(train_slices, counts), **common,
             cache_file=run.work / "cache" / "clip_train.pt", progress=log_progress,
+            clean=r.data.clip_clean,
         )  # fmt: skip
         D.check_no_validation(run.clip_train.metas, r.data.val_ids)
     if r.data.clip_val_masks and val_slices:

@@ -59,12 +59,13 @@ def test_reserved_slice_only_validates(smoke_run):
     assert data["val_slices"] == [RESERVED_VAL_ID]
     index = json.loads((root / "bundle.work" / "cache" / "train" / "pairs.json").read_text())
     assert {p["slice_id"] for p in index["pairs"]} == {"toy_a"}
-    # DuDoCLIP's own set (2 masks of the training slice) and its zero-shot cases (1 mask of
-    # the validation slice): it trained and was scored on those, not on the U-Net pairs
-    assert (data["train_pairs"], data["clip_pairs"], data["clip_val_cases"]) == (1, 2, 1)
+    # DuDoCLIP's own set (2 masks of the training slice and its metal-free scan) and its
+    # zero-shot cases (1 mask of the validation slice): it trained and was scored on those,
+    # not on the U-Net pairs
+    assert (data["train_pairs"], data["clip_pairs"], data["clip_val_cases"]) == (1, 3, 1)
     for domain in ("image", "sinogram"):
         zero_shot = report["stages"][f"clip_{domain}"]["zero_shot"]
-        assert (zero_shot["train"]["n"], zero_shot["after"]["n"]) == (2, 1)
+        assert (zero_shot["train"]["n"], zero_shot["after"]["n"]) == (3, 1)
 
 
 def test_validation_set_reads_with_eval_layout(smoke_run):

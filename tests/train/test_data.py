@@ -198,3 +198,30 @@ def test_clip_set_is_what_dudoclip_sees_of_the_pairs_and_caches(tmp_path, monkey
     with pytest.raises(AssertionError, match="simulated although"):
         D.clip_set(slices, jobs, seed=8, size=32, cache_file=cache)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_clip_set_clean_scan_is_the_simulators_metal_free_scan():
+    slices = [
+        CleanSlice("toy_a", ellipse_phantom(11, region="pelvis"), "phantom", "generated"),
+        CleanSlice("toy_b", ellipse_phantom(12, region="chest"), "phantom", "generated"),
+    ]
+    jobs = [(0, 0, None), (1, 0, None), (0, 1, None)]
+    got = D.clip_set(slices, jobs, seed=7, size=416, chunk=2, clean=True)
+    # chunk 1: a/0, b/0 and both clean scans; chunk 2: a/1 only (a's clean scan is made)
+    assert [m.case for m in got.metas] == ["toy_a/0", "toy_b/0", "toy_a/-1", "toy_b/-1", "toy_a/1"]
+    for j, (si, meta) in enumerate([(0, got.metas[2]), (1, got.metas[3])]):
+        first = got.metas[j]
+        sim = D.simulate_pair(
+            slices[si].image_mu, D.draw_implant(D.body_outline(slices[si].image_mu), first.seed,
+                                                bin_index=0)[0],
+            material=first.material, seed=first.seed, device="cpu",
+        )  # fmt: skip
+        assert meta.zero_shot_target() == 0 and meta.metal_px == 0 and meta.severity == "none"
+        torch.testing.assert_close(
+            got.inputs["image"][2 + j, 0], units.image_to_net(sim["poly_CT"]), atol=1e-5, rtol=0
+        )
+        sino = units.sino_to_net(sim["poly_sinogram"])[None, None]
+        torch.testing.assert_close(
+            got.inputs["sinogram"][2 + j],
+            torch.nn.functional.interpolate(sino, size=(416, 416), mode="bilinear")[0],
+        )
