@@ -248,3 +248,33 @@ def test_zero_shot_report_scores_labels_and_their_factors(toy_clip, monkeypatch)
     assert report["severity_accuracy"] == pytest.approx(2 / 3)
     assert (report["n"], report["classes_present"]) == (3, 3)
     assert report["majority_rate"] == pytest.approx(1 / 3)
+
+
+def test_clip_training_is_reproducible_for_a_seed(toy_clip):
+    from mar_rt.models import prompts
+    from mar_rt.train.clip_trainer import ClipTrainConfig, train_clip
+
+    metas, images = [], []
+    for i, size in enumerate((40, 300, 900)):
+        mask = np.zeros((64, 64), bool)
+        r = int(np.sqrt(size / np.pi) * 64 / 416) + 1
+        mask[20 - r : 20 + r, 30 - r : 30 + r] = True
+        facts = prompts.describe_metal(mask)
+        metas.append(D.PairMeta(f"s{i}", 0, i, "Ti", int(mask.sum()), "disc", "mild", "chest",
+                                facts.to_dict()))  # fmt: skip
+        images.append(torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(i)))
+    cfg = ClipTrainConfig(steps=6, batch=2, lr=1e-3, warmup=2, log_every=0, seed=5)
+    runs = []
+    for _ in range(2):
+        model = copy.deepcopy(toy_clip)
+        res = train_clip(model, torch.stack(images), metas, cfg, domain="sinogram", progress=False)
+        runs.append((res.losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k]), k
+    other_cfg = dataclasses.replace(cfg, seed=6)
+    other = train_clip(
+        copy.deepcopy(toy_clip), torch.stack(images), metas, other_cfg, domain="sinogram",
+        progress=False,
+    )  # fmt: skip
+    assert other.losses != runs[0][0]
