@@ -43,15 +43,18 @@ def main() -> None:
     _, val_slices = D.split_slices(load_clean_slices(args.data), recipe.data.val_ids)
     if not val_slices:
         raise SystemExit(f"{args.data}: none of the validation slices {recipe.data.val_ids}")
-    per = dataclasses.replace(recipe.data, masks_per_slice=args.masks)
-    results = {"bundle": str(Path(args.bundle)), "cases": None, "domains": {}}
+    jobs = D.training_jobs(val_slices, dataclasses.replace(recipe.data, masks_per_slice=args.masks))
+    results = {"bundle": str(Path(args.bundle)), "cases": len(jobs), "domains": {}}
+    cases_at: dict[int, D.ClipSet] = {}  # tower size → the cases (both domains)
     for domain in ("image", "sinogram"):
         model = bundle.build(f"clip_{domain}").eval()
-        cases = D.clip_set(
-            val_slices, D.training_jobs(val_slices, per), seed=recipe.data.seed,
-            size=model.cfg.image_size, cache_file=Path(args.work) / "cache" / "clip_val.pt",
-        )  # fmt: skip
-        results["cases"] = len(cases)
+        size = model.cfg.image_size
+        if size not in cases_at:
+            cases_at[size] = D.clip_set(
+                val_slices, jobs, seed=recipe.data.seed, size=size,
+                cache_file=Path(args.work) / "cache" / "clip_val.pt",  # the recipe's file
+            )  # fmt: skip
+        cases = cases_at[size]
         report = zero_shot_report(model, cases.inputs[domain], cases.metas)
         results["domains"][domain] = report
         print(

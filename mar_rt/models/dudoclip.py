@@ -54,6 +54,7 @@ __all__ = [
     "DuDoCLIP",
     "info_nce",
     "clip_loss",
+    "resize_to_tower",
 ]
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,14 @@ def _run_block(block: nn.Module, x: torch.Tensor, batch_first: bool) -> torch.Te
     return block(x.transpose(0, 1)).transpose(0, 1)
 
 
+def resize_to_tower(image01: torch.Tensor, size: int) -> torch.Tensor:
+    """DuDoCLIP's resize: (B, C, H, W) → (B, C, size, size), bilinear, half-pixel centres, no
+    antialiasing (identity when H = W = size)."""
+    return F.interpolate(
+        image01, size=(size, size), mode="bilinear", align_corners=False, antialias=False
+    )
+
+
 class DuDoCLIP(nn.Module):
     """Frozen open_clip model + trainable controller; ``forward(image01) → (content, artifact)``.
 
@@ -272,10 +281,7 @@ class DuDoCLIP(nn.Module):
 
     def preprocess(self, image01: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) in [0, 1] → (B, 3, S, S) CLIP-normalised, S = ``cfg.image_size``."""
-        s = self.cfg.image_size
-        x = F.interpolate(
-            image01, size=(s, s), mode="bilinear", align_corners=False, antialias=False
-        )
+        x = resize_to_tower(image01, self.cfg.image_size)
         return (x.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
 
     def controller(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

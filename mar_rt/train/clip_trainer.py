@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from mar_rt.models import prompts
-from mar_rt.models.dudoclip import DuDoCLIP
+from mar_rt.models.dudoclip import DuDoCLIP, resize_to_tower
 from mar_rt.train.data import PairMeta, rot_flip
 
 log = logging.getLogger(__name__)
@@ -154,14 +154,10 @@ def multi_positive_info_nce(
 
 # --- training ---------------------------------------------------------------------------------
 def resize_inputs(model: DuDoCLIP, images: torch.Tensor, *, chunk: int = 64) -> torch.Tensor:
-    """(N, 1, H, W) → (N, 1, S, S) with the model's own bilinear resize (what it does anyway),
-    so augmentation and batching run at the tower size."""
-    s = model.cfg.image_size
-    out = [
-        F.interpolate(images[i : i + chunk], size=(s, s), mode="bilinear", align_corners=False)
-        for i in range(0, len(images), chunk)
-    ]
-    return torch.cat(out)
+    """(N, 1, H, W) → (N, 1, S, S) with the model's own resize (what it does anyway), so
+    augmentation and batching run at the tower size."""
+    s, n = model.cfg.image_size, len(images)
+    return torch.cat([resize_to_tower(images[i : i + chunk], s) for i in range(0, n, chunk)])
 
 
 def _augment(x: torch.Tensor, domain: str, gen: torch.Generator) -> torch.Tensor:
@@ -306,17 +302,19 @@ def zero_shot_report(
     labels = prompts.zero_shot_labels()
     label_emb = project_text(model, text_features(model, labels))
     _, artifact = embed(model, inputs)
-    pred = (F.normalize(artifact, dim=-1) @ F.normalize(label_emb, dim=-1).T).argmax(dim=-1)
-    pred_class = [prompts.zero_shot_class(int(p)) for p in pred.cpu()]
+    logits = F.normalize(artifact, dim=-1) @ F.normalize(label_emb, dim=-1).T
+    pred = logits.argmax(dim=-1).tolist()
     target = [m.zero_shot_target() for m in metas]
-    true_class = [prompts.zero_shot_class(t) for t in target]
     counts = torch.bincount(torch.tensor(target), minlength=len(labels))
     n = len(metas)
-    pairs = list(zip(pred_class, true_class, strict=True))
+    classes = [
+        (prompts.zero_shot_class(p), prompts.zero_shot_class(t))
+        for p, t in zip(pred, target, strict=True)
+    ]
     return {
-        "accuracy": sum(p == t for p, t in zip(pred.tolist(), target, strict=True)) / n,
-        "size_accuracy": sum(p[0] == t[0] for p, t in pairs) / n,
-        "severity_accuracy": sum(p[1] == t[1] for p, t in pairs) / n,
+        "accuracy": sum(p == t for p, t in zip(pred, target, strict=True)) / n,
+        "size_accuracy": sum(p[0] == t[0] for p, t in classes) / n,
+        "severity_accuracy": sum(p[1] == t[1] for p, t in classes) / n,
         "chance_uniform": 1.0 / len(labels),
         "majority_rate": float(counts.max()) / n,
         "n": n,

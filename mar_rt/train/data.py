@@ -46,6 +46,7 @@ from mar_rt.ct.simulate import simulate_metal_artifact
 from mar_rt.ct.syndeeplesion import read_case, read_gt, write_case
 from mar_rt.errors import BadInputError
 from mar_rt.models import prompts
+from mar_rt.models.dudoclip import resize_to_tower
 from mar_rt.train.phantoms import ellipse_phantom
 from mar_rt.train.sources import CleanSlice
 
@@ -448,17 +449,13 @@ def training_jobs(slices: Sequence[CleanSlice], cfg: DataConfig) -> list[tuple[i
 @dataclass
 class ClipSet:
     """DuDoCLIP's pairs at tower size: ``inputs[domain]`` (N, 1, S, S) is :func:`clip_inputs`
-    resized to S² as DuDoCLIP resizes (bilinear, half-pixel centres), one PairMeta each."""
+    resized to S² as DuDoCLIP resizes (``resize_to_tower``), one PairMeta each."""
 
     metas: list[PairMeta]
     inputs: dict[str, torch.Tensor]
 
     def __len__(self) -> int:
         return len(self.metas)
-
-
-def _tower_size(x: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def clip_set(
@@ -509,10 +506,10 @@ def clip_set(
         if clean:
             pairs = _with_clean_scans(pairs, slices, {m.slice_id for m in metas})
         for domain, out in parts.items():
-            out.append(_tower_size(clip_inputs(pairs, domain), size).cpu())
+            out.append(resize_to_tower(clip_inputs(pairs, domain), size).cpu())
         metas += pairs.metas
         if progress is not None:
-            progress(len(metas), len(jobs))
+            progress(min(i + chunk, len(jobs)), len(jobs))
     if not metas:
         raise BadInputError("clip_set: no pairs to simulate")
     inputs = {d: torch.cat(v) for d, v in parts.items()}
@@ -532,12 +529,13 @@ def _with_clean_scans(pairs: PairSet, slices: Sequence[CleanSlice], done: set[st
     proj = get_projector(_GEOMETRY, device=pairs.device, dtype=torch.float32)
     metas = list(pairs.metas)
     ma_ct, ma_sino = [pairs.fields["ma_CT"]], [pairs.fields["ma_sinogram"]]
+    seen = set(done)
     for j, meta in enumerate(pairs.metas):
-        if meta.slice_id in done:
+        if meta.slice_id in seen:
             continue
-        done = done | {meta.slice_id}
+        seen.add(meta.slice_id)
         poly_sino = pairs.fields["poly_sinogram"][j]
-        poly_ct = fbp_with(proj, poly_sino, "ram-lak").to(torch.float32)
+        poly_ct = fbp_with(proj, poly_sino, "ram-lak")
         image = images[meta.slice_id]
         metas.append(
             describe_pair(
@@ -545,7 +543,7 @@ def _with_clean_scans(pairs: PairSet, slices: Sequence[CleanSlice], done: set[st
                 poly_ct.cpu().numpy(), np.zeros(image.shape, bool),
             )
         )  # fmt: skip
-        ma_ct.append(poly_ct[None].to(pairs.device))
+        ma_ct.append(poly_ct[None])
         ma_sino.append(poly_sino[None])
     return PairSet(metas, {"ma_CT": torch.cat(ma_ct), "ma_sinogram": torch.cat(ma_sino)})
 
