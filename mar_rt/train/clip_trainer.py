@@ -50,7 +50,9 @@ _MAX_LOGIT_SCALE = math.log(100.0)
 class ClipTrainConfig:
     """Controller fine-tuning. ``max_minutes`` stops early (and sets the cosine horizon);
     ``zero_shot_text_prob``: chance that a sample's artifact text is its zero-shot label text
-    (the same facts in the label phrasing) instead of one of its ``artifact_text`` phrasings."""
+    (the same facts in the label phrasing) instead of one of its ``artifact_text`` phrasings;
+    ``own_set``: in a recipe, train on DuDoCLIP's own pair set (``DataConfig.clip_*``) when the
+    data stage builds one, else on the U-Net pairs."""
 
     steps: int = 300
     batch: int = 32
@@ -63,6 +65,7 @@ class ClipTrainConfig:
     max_minutes: float | None = None
     seed: int = 0
     log_every: int = 20
+    own_set: bool = True
 
 
 @dataclass

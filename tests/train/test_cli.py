@@ -92,6 +92,26 @@ def test_losses_recorded_for_every_network(smoke_run):
     assert report["stages"]["clip_image"]["zero_shot"]["after"]["n"] == 1
 
 
+def test_clip_without_own_set_trains_on_the_unet_pairs(smoke_run, tmp_path):
+    import dataclasses
+
+    from mar_rt.train.recipe import recipe_config, train_bundle
+
+    root, _ = smoke_run
+    recipe = recipe_config("smoke")
+    recipe = dataclasses.replace(
+        recipe, clip_image=dataclasses.replace(recipe.clip_image, own_set=False)
+    )
+    report = train_bundle(
+        root / "src", tmp_path / "b", recipe=recipe, work_dir=tmp_path / "w", progress=False,
+        stages=("data", "clip_image", "clip_sinogram"),
+    )  # fmt: skip
+    image, sinogram = report["stages"]["clip_image"], report["stages"]["clip_sinogram"]
+    # the image controller saw the one U-Net pair; the sinogram one DuDoCLIP's own 3 pairs
+    assert (image["pairs"], image["zero_shot"]["train"]["n"]) == (1, 1)
+    assert (sinogram["pairs"], sinogram["zero_shot"]["train"]["n"]) == (3, 3)
+
+
 def test_init_from_starts_the_unets_at_the_bundle_weights(smoke_run):
     import torch
 
