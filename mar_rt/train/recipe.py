@@ -462,8 +462,10 @@ def _stage_data(run: Run, slices: Sequence[CleanSlice]) -> None:
     )  # fmt: skip
     D.check_no_validation(run.train.metas, r.data.val_ids)
     clip_info = {}
-    if {"data", "clip_image", "clip_sinogram"} & set(run.stages):
-        _clip_data(run, slices, val_slices)
+    clip_stages = [st for st in ("clip_image", "clip_sinogram") if st in run.stages]
+    if "data" in run.stages or clip_stages:
+        own_set = "data" in run.stages or any(getattr(r, st).own_set for st in clip_stages)
+        _clip_data(run, slices, val_slices, own_set=own_set)
         if run.clip_train is not None:
             clip_info["clip_pairs"] = len(run.clip_train)
         if run.clip_val is not None:
@@ -477,14 +479,16 @@ def _stage_data(run: Run, slices: Sequence[CleanSlice]) -> None:
     )  # fmt: skip
 
 
-def _clip_data(run: Run, slices: Sequence[CleanSlice], val_slices: Sequence[CleanSlice]) -> None:
-    """DuDoCLIP's own training pairs and PI_s cases (``DataConfig.clip_*``), cached in
-    ``<work>/cache``; the same seeds as the U-Net pairs."""
+def _clip_data(
+    run: Run, slices: Sequence[CleanSlice], val_slices: Sequence[CleanSlice], *, own_set: bool
+) -> None:
+    """DuDoCLIP's own training pairs (when ``own_set``) and PI_s cases (``DataConfig.clip_*``),
+    cached in ``<work>/cache``; the same seeds as the U-Net pairs."""
     r = run.recipe
     counts = r.data.clip_counts()
     log_progress = (lambda i, n: log.info("clip data: pair %d/%d", i, n)) if run.progress else None
     common = {"seed": r.data.seed, "size": r.clip.image_size, "device": run.device}
-    if counts.masks_per_slice or counts.phantom_masks:
+    if own_set and (counts.masks_per_slice or counts.phantom_masks):
         phantoms = D.phantom_slices(counts.phantoms, r.data.seed)
         train_slices, _ = D.split_slices(list(slices) + phantoms, r.data.val_ids)
         run.clip_train = D.clip_set(

@@ -110,6 +110,15 @@ def test_clip_without_own_set_trains_on_the_unet_pairs(smoke_run, tmp_path):
     # the image controller saw the one U-Net pair; the sinogram one DuDoCLIP's own 3 pairs
     assert (image["pairs"], image["zero_shot"]["train"]["n"]) == (1, 1)
     assert (sinogram["pairs"], sinogram["zero_shot"]["train"]["n"]) == (3, 3)
+    # the image stage alone does not simulate a set it does not train on, only its PI_s cases
+    report = train_bundle(
+        root / "src", tmp_path / "b2", recipe=recipe, work_dir=tmp_path / "w2", progress=False,
+        stages=("clip_image",),
+    )  # fmt: skip
+    assert "clip_pairs" not in report["stages"]["data"]
+    assert report["stages"]["data"]["clip_val_cases"] == 1
+    assert not (tmp_path / "w2" / "cache" / "clip_train.pt").exists()
+    assert report["stages"]["clip_image"]["pairs"] == 1
 
 
 def test_init_from_starts_the_unets_at_the_bundle_weights(smoke_run):
