@@ -519,8 +519,7 @@ def _stage_clip(run: Run, domain: str) -> None:
         raise MarRtError(f"{name} is needed but not trained yet (run `mar-rt train clip` first)")
     else:
         t0 = time.monotonic()
-        cfg = getattr(r, name)
-        cfg = dataclasses.replace(cfg, max_minutes=run.clock.stage_minutes(name))
+        cfg = dataclasses.replace(getattr(r, name), max_minutes=run.clock.stage_minutes(name))
         if run.clip_train is not None and cfg.own_set:
             inputs, metas = run.clip_train.inputs[domain], run.clip_train.metas
         else:
