@@ -17,10 +17,12 @@ Sections (each a function with its own time budget; an error is recorded, never 
     gpu_parity     CuPy vs torch-CUDA reference vs host build, every kernel, 416² / 640 × 641
     adjoint        ⟨Ax, y⟩ = ⟨x, Aᵀy⟩ on the GPU, gather and scatter
     kernel_timings forward / back / FBP, batch 1 and 16, CUDA events, median of ≥ 20
+    kernel_variants forward / gather back-projection per compile-time switch, block sizes
     sde_step       the fused SDE update against torch's three-op update
     unet_step      U-Net step fp32 / fp16 / CUDA graph      (if mar_rt.models.unet imports)
     pipeline       full DuDoCROP latency                     (if mar_rt.runtime.pipeline imports)
     gpu_tests      pytest -m gpu tests/kernels/test_gpu.py
+    train_gpu      ``train_bundle`` on CUDA: smoke preset, then tiny-gpu under a time budget
 """
 
 from __future__ import annotations
@@ -337,6 +339,108 @@ def kernel_timings(budget: Budget, repeats: int) -> dict:
     return res
 
 
+# Compile-time switches of projector.cu, each the previous state of one optimisation.
+KERNEL_VARIANTS: dict[str, tuple[str, ...]] = {
+    "baseline (64-bit index, plain loads)": ("MR_PLANE_INDEX64", "MR_NO_LDG"),
+    "32-bit index, plain loads": ("MR_NO_LDG",),
+    "64-bit index, __ldg": ("MR_PLANE_INDEX64",),
+    "default (32-bit index, __ldg)": (),
+}
+BLOCK_SIZES = (64, 128, 256, 512, 1024)
+
+
+def kernel_variants(budget: Budget, repeats: int) -> dict:
+    """Forward projection and gather back-projection of ``projector.cu`` built with each set
+    of ``KERNEL_VARIANTS`` switches (same run, same inputs, CUDA events), their outputs
+    against the default build's, and a block-size sweep of the default build."""
+    reason = _need_gpu()
+    if reason:
+        return {"status": reason}
+    import cupy as cp
+
+    from mar_rt.ct.geometry import FanBeamGeometry
+    from mar_rt.kernels import build, gpu
+
+    g = FanBeamGeometry.syndeeplesion()
+    proj = gpu.get_gpu_projector(g)
+    image, _ = test_image()
+    dims = (np.int32(g.n_rows), np.int32(g.n_cols), np.int32(g.n_views), np.int32(g.n_det))
+
+    def launchers(module: Any, b: int, block: int) -> dict[str, Callable[[], Any]]:
+        nb = gpu.slices_per_thread(b)
+        chunks = -(-b // nb)
+        x = cp.asarray(np.broadcast_to(image, (b, *image.shape)).copy())
+        x_t = cp.ascontiguousarray(cp.swapaxes(x, -1, -2))
+        y = cp.empty((b, g.n_views, g.n_det), np.float32)
+        back = cp.empty_like(x)
+        sino = proj.forward(x)
+        fwd = module.get_function(f"mr_forward_{nb}")
+        adj = module.get_function(f"mr_adjoint_{nb}")
+        n_fwd, n_adj = chunks * g.n_views * g.n_det, chunks * g.n_rows * g.n_cols
+        pad, span = np.int32(proj.pad), np.int32(proj.span)
+
+        def forward() -> Any:
+            fwd(
+                ((n_fwd + block - 1) // block,),
+                (block,),
+                (x, x_t, proj.rays, np.int32(b), *dims, y),
+            )
+            return y
+
+        def gather() -> Any:
+            args = (sino, proj.gtab, proj.vcoef32, np.int32(b), *dims, pad, span, back)
+            adj(((n_adj + block - 1) // block,), (block,), args)
+            return back
+
+        return {"forward": forward, "back_gather": gather}
+
+    def module_for(defines: tuple[str, ...]) -> Any:
+        opts = (*gpu.NVRTC_OPTIONS, *(f"-D{d}" for d in defines))
+        module = cp.RawModule(code=build.device_source("projector.cu"), options=opts)
+        module.compile()
+        return module
+
+    out: dict[str, Any] = {"repeats": repeats, "variants": {}, "block_sweep": {}}
+    reference: dict[tuple[int, str], np.ndarray] = {}
+    default = module_for(())
+    for b in (1, 16):
+        for op, fn in launchers(default, b, gpu.BLOCK).items():
+            reference[(b, op)] = cp.asnumpy(fn())
+    for label, defines in KERNEL_VARIANTS.items():
+        if not budget.ok(10):
+            out["truncated"] = True
+            break
+        module = module_for(defines)
+        rec: dict[str, Any] = {"defines": list(defines)}
+        for b in (1, 16):
+            for op, fn in launchers(module, b, gpu.BLOCK).items():
+                result = cp.asnumpy(fn())
+                rec[f"{op}_b{b}"] = time_cuda(fn, repeats)
+                rec[f"{op}_b{b}_max_abs_diff_vs_default"] = float(
+                    np.abs(result - reference[(b, op)]).max()
+                )
+            cp.get_default_memory_pool().free_all_blocks()
+        out["variants"][label] = rec
+        log.info(
+            "variant %s: forward b1 %.3f ms, b16 %.3f ms; gather b1 %.3f ms",
+            label,
+            rec["forward_b1"]["median_ms"],
+            rec["forward_b16"]["median_ms"],
+            rec["back_gather_b1"]["median_ms"],
+        )
+    for block in BLOCK_SIZES:
+        if not budget.ok(5):
+            out["truncated"] = True
+            break
+        rec = {}
+        for b in (1, 16):
+            for op, fn in launchers(default, b, block).items():
+                rec[f"{op}_b{b}"] = time_cuda(fn, repeats)["median_ms"]
+        out["block_sweep"][str(block)] = rec
+        log.info("block %d: %s", block, rec)
+    return out
+
+
 def sde_step_section(budget: Budget, repeats: int) -> dict:
     reason = _need_gpu()
     if reason:
@@ -593,6 +697,81 @@ def _loop_overhead(pipe: Any, res: Any, steps: int, repeats: int) -> dict:
     }
 
 
+TRAIN_CHILD = """
+import json, logging, sys, time
+from pathlib import Path
+from mar_rt.train.recipe import recipe_config, train_bundle
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+config, minutes, sources, out = sys.argv[1], float(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+t0 = time.perf_counter()
+report = train_bundle(
+    sources, out / "bundle", recipe=recipe_config(config, device="cuda"), device="cuda",
+    max_minutes=minutes if minutes > 0 else None, work_dir=out / "work", progress=True,
+)
+print("TRAIN_REPORT " + json.dumps({"wall_s": time.perf_counter() - t0, "report": report},
+                                   default=str))
+"""
+
+
+def train_gpu(budget: Budget, sources: Path, out_dir: Path) -> dict:
+    """``train_bundle`` on CUDA: the ``smoke`` preset end to end, then ``tiny-gpu`` under a
+    wall-time budget (whatever this section has left).  Each in a child process with a
+    timeout; the stage reports (``<work>/ckpt/*.done``) and the child's log are kept."""
+    if not _cuda():
+        return {"status": "skipped: no CUDA"}
+    if not sources.is_dir():
+        return {"status": f"skipped: no sources at {sources} (mar-rt train export-sources)"}
+    out: dict[str, Any] = {"sources": str(sources)}
+    for config, reserve in (("smoke", 0.0), ("tiny-gpu", 25.0)):
+        left = budget.left() - 10
+        if left < 30:
+            out[config] = {"status": "skipped: section budget spent"}
+            continue
+        minutes = max(0.5, (left - reserve) / 60) if reserve else 0.0
+        folder = out_dir / f"train_{config}"  # the log and stage reports come back
+        folder.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"mar-rt-train-{config}-"))  # caches, weights
+        cmd = [sys.executable, "-c", TRAIN_CHILD, config, str(minutes), str(sources), str(scratch)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=left)
+            text, rc = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            text = "".join(
+                v.decode(errors="replace") if isinstance(v, bytes) else (v or "")
+                for v in (exc.stdout, exc.stderr)
+            )
+            rc = "timeout"
+        (folder / "train.log").write_text(text)
+        rec: dict[str, Any] = {
+            "returncode": rc,
+            "max_minutes": minutes or None,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
+        for line in text.splitlines():
+            if line.startswith("TRAIN_REPORT "):
+                rec["report"] = json.loads(line[len("TRAIN_REPORT ") :])
+        done = scratch / "work" / "ckpt"
+        if done.is_dir():
+            rec["stages_done"] = {
+                p.stem: json.loads(p.read_text()) for p in sorted(done.glob("*.done"))
+            }
+        report = scratch / "bundle" / "train_report.json"
+        if report.is_file():
+            shutil.copy(report, folder / "train_report.json")
+        shutil.rmtree(scratch, ignore_errors=True)
+        rec["log_tail"] = text.strip().splitlines()[-15:]
+        out[config] = rec
+        log.info(
+            "train %s: rc %s in %.0f s; stages %s",
+            config,
+            rc,
+            rec["wall_s"],
+            sorted(rec.get("stages_done", {})),
+        )
+    return out
+
+
 def gpu_tests(budget: Budget) -> dict:
     reason = _need_gpu()
     if reason:
@@ -629,6 +808,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per GPU figure")
     parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="total seconds")
     parser.add_argument("--only", nargs="*", default=None, help="run only these sections")
+    parser.add_argument(
+        "--train-sources",
+        default=str(ROOT / ".gpu_data" / "sources"),
+        help="clean slices for train_gpu (mar-rt train export-sources --out ...)",
+    )
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -647,10 +831,12 @@ def main(argv: list[str] | None = None) -> int:
         ("gpu_parity", 60, gpu_parity),
         ("adjoint", 20, adjoint),
         ("kernel_timings", 100, lambda b: kernel_timings(b, r)),
+        ("kernel_variants", 60, lambda b: kernel_variants(b, r)),
         ("sde_step", 20, lambda b: sde_step_section(b, r)),
         ("unet_step", 60, lambda b: unet_step(b, r)),
         ("pipeline", 200, lambda b: pipeline(b, 10)),
         ("gpu_tests", 60, gpu_tests),
+        ("train_gpu", 240, lambda b: train_gpu(b, Path(args.train_sources), out_dir)),
     ]
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "sections": {}}
     json_path = out_dir / "device_check.json"

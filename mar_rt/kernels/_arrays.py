@@ -44,6 +44,11 @@ def geometry_tables(geometry: FanBeamGeometry) -> GeometryTables:
             f"geometry: the kernels need at least 2 rows, 2 columns and 2 detector bins, got "
             f"{g.n_rows} × {g.n_cols} and {g.n_det} bins"
         )
+    if g.n_rows * g.n_cols >= 2**31:
+        raise BadInputError(
+            f"geometry: an image plane of {g.n_rows} × {g.n_cols} pixels is too large for the "
+            "kernels' 32-bit in-plane index (at most 2^31 − 1 pixels)"
+        )
     beta = g.angles()
     cos, sin = np.cos(beta), np.sin(beta)
     src = g.source_positions()

@@ -294,13 +294,23 @@ def find_nvrtc() -> Path | None:
     return Path(found) if found else None
 
 
-def compile_nvrtc(arch: str = "compute_90", library: Path | None = None) -> dict[str, int]:
+def compile_nvrtc(
+    arch: str = "compute_90", library: Path | None = None, defines: tuple[str, ...] = ()
+) -> dict[str, int]:
     """Compile every :func:`device_source` with libnvrtc (options as :mod:`mar_rt.kernels.gpu`
-    passes to ``cupy.RawModule``) to PTX; needs no GPU.  Returns the PTX size per source.
+    passes to ``cupy.RawModule``, plus ``-D`` ``defines``) to PTX; needs no GPU.  Returns the
+    PTX size per source.
 
     Raises:
         BackendUnavailableError: libnvrtc is missing, or a source does not compile (with the log).
     """
+    return {name: len(nvrtc_ptx(name, arch, library, defines)) for name in SOURCES}
+
+
+def nvrtc_ptx(
+    name: str, arch: str = "compute_90", library: Path | None = None, defines: tuple[str, ...] = ()
+) -> bytes:
+    """The PTX libnvrtc makes of one :func:`device_source` (``defines``: e.g. ``"MR_NO_LDG"``)."""
     from mar_rt.kernels.gpu import NVRTC_OPTIONS
 
     path = library or find_nvrtc()
@@ -311,31 +321,31 @@ def compile_nvrtc(arch: str = "compute_90", library: Path | None = None) -> dict
     except OSError as exc:
         raise BackendUnavailableError(f"cannot load {path}: {exc}") from exc
     lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-    sizes = {}
-    for name in SOURCES:
-        prog = ctypes.c_void_p()
-        src = device_source(name).encode()
-        status = lib.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(), 0, None, None)
+    prog = ctypes.c_void_p()
+    src = device_source(name).encode()
+    status = lib.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(), 0, None, None)
+    if status != 0:
+        raise BackendUnavailableError(
+            f"nvrtcCreateProgram({name}): {lib.nvrtcGetErrorString(status).decode()}"
+        )
+    try:
+        options = (*NVRTC_OPTIONS, *(f"-D{d}" for d in defines), f"--gpu-architecture={arch}")
+        opts = [o.encode() for o in options]
+        argv = (ctypes.c_char_p * len(opts))(*opts)
+        status = lib.nvrtcCompileProgram(prog, len(opts), argv)
+        log_size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(log_size))
+        log_buf = ctypes.create_string_buffer(max(1, log_size.value))
+        lib.nvrtcGetProgramLog(prog, log_buf)
         if status != 0:
             raise BackendUnavailableError(
-                f"nvrtcCreateProgram({name}): {lib.nvrtcGetErrorString(status).decode()}"
+                f"NVRTC build of {name} for {arch} failed: "
+                f"{lib.nvrtcGetErrorString(status).decode()}\n{log_buf.value.decode()[-4000:]}"
             )
-        try:
-            opts = [o.encode() for o in (*NVRTC_OPTIONS, f"--gpu-architecture={arch}")]
-            argv = (ctypes.c_char_p * len(opts))(*opts)
-            status = lib.nvrtcCompileProgram(prog, len(opts), argv)
-            log_size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(log_size))
-            log_buf = ctypes.create_string_buffer(max(1, log_size.value))
-            lib.nvrtcGetProgramLog(prog, log_buf)
-            if status != 0:
-                raise BackendUnavailableError(
-                    f"NVRTC build of {name} for {arch} failed: "
-                    f"{lib.nvrtcGetErrorString(status).decode()}\n{log_buf.value.decode()[-4000:]}"
-                )
-            ptx_size = ctypes.c_size_t()
-            lib.nvrtcGetPTXSize(prog, ctypes.byref(ptx_size))
-            sizes[name] = int(ptx_size.value)
-        finally:
-            lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return sizes
+        ptx_size = ctypes.c_size_t()
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(ptx_size))
+        ptx = ctypes.create_string_buffer(ptx_size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        return ptx.raw.rstrip(b"\0")
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -88,3 +88,15 @@ def test_kernels_compile_with_nvrtc(arch):
     sizes = build.compile_nvrtc(arch)
     assert set(sizes) == set(build.SOURCES)
     assert all(size > 1000 for size in sizes.values())
+
+
+def test_benchmark_baseline_switches_change_the_forward_projector():
+    """MR_NO_LDG / MR_PLANE_INDEX64 (the baseline device_check.py times) compile, and the
+    default build is the one that reads the image through the read-only cache."""
+    if build.find_nvrtc() is None:
+        pytest.skip("libnvrtc not found (no CUDA toolkit or nvidia-cuda-nvrtc wheel)")
+    default = build.nvrtc_ptx("projector.cu")
+    baseline = build.nvrtc_ptx("projector.cu", defines=("MR_NO_LDG", "MR_PLANE_INDEX64"))
+    assert b"ld.global.nc.f32" in default
+    assert b"ld.global.nc.f32" not in baseline
+    assert default != build.nvrtc_ptx("projector.cu", defines=("MR_PLANE_INDEX64",))

@@ -149,3 +149,16 @@ def test_bad_inputs_are_refused(host, small_geometry):
         host.back_project(bad, g)
     with pytest.raises(BadInputError, match="out must be"):
         host.forward_project(np.zeros(g.image_shape, np.float32), g, out=np.zeros(3, np.float32))
+
+
+def test_planes_beyond_the_32_bit_index_are_refused():
+    import dataclasses
+
+    from mar_rt.kernels._arrays import geometry_tables
+
+    assert 46341**2 >= 2**31 > 46340**2
+    huge = dataclasses.replace(
+        FanBeamGeometry.syndeeplesion(), n_rows=46341, n_cols=46341, pixel_size=1e-4
+    )
+    with pytest.raises(BadInputError, match="32-bit in-plane index"):
+        geometry_tables(huge)

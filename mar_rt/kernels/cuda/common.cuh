@@ -39,6 +39,16 @@
 
 typedef long long mr_index;
 
+// Index of a pixel within one image plane: 32 bits (the kernels' geometry tables refuse
+// planes of 2^31 pixels or more), which keeps the Joseph walk's per-sample address arithmetic
+// to one multiply-add.  MR_PLANE_INDEX64 restores the 64-bit index: the baseline that
+// benchmarks/device_check.py times the default against.
+#if defined(MR_PLANE_INDEX64)
+typedef long long mr_pindex;
+#else
+typedef int mr_pindex;
+#endif
+
 #define MR_ALIGN16 __align__(16)
 
 #if !defined(MR_HOST_BUILD)
@@ -51,6 +61,16 @@ __device__ __forceinline__ mr_index mr_thread_index() {
 // min/max without the NaN rules of fminf/fmaxf (which gcc turns into library calls).
 MR_HD float mr_minf(float a, float b) { return a < b ? a : b; }
 MR_HD float mr_maxf(float a, float b) { return a > b ? a : b; }
+
+// *p for data no thread writes during the kernel: through the read-only (non-coherent) cache
+// on the device.  MR_NO_LDG: a plain load (the benchmark baseline, like MR_PLANE_INDEX64).
+MR_HD float mr_load(const float* p) {
+#if defined(__CUDA_ARCH__) && !defined(MR_NO_LDG)
+    return __ldg(p);
+#else
+    return *p;
+#endif
+}
 
 // *p += v: an atomic add on the device, a plain add on the host (each host thread adds into
 // its own buffer).

@@ -111,9 +111,9 @@ MR_HD void mr_view_coef_body(const double* views, int k, int n_rows, int n_cols,
 
 // Flat index of sample (i along the sampled axis, n across it) in the plane the branch reads.
 template <bool COL, bool COL_T>
-MR_HD mr_index mr_joseph_index(int i, int n, int n_rows, int n_cols) {
-    if (COL) return COL_T ? (mr_index)i * n_rows + n : (mr_index)n * n_cols + i;
-    return (mr_index)i * n_cols + n;
+MR_HD mr_pindex mr_joseph_index(int i, int n, int n_rows, int n_cols) {
+    if (COL) return COL_T ? (mr_pindex)i * n_rows + n : (mr_pindex)n * n_cols + i;
+    return (mr_pindex)i * n_cols + n;
 }
 
 // Walks one ray and calls, for each sample i (t = a + m·i, n0 = ⌊t⌋, f = t − n0),
@@ -125,7 +125,7 @@ template <bool COL, bool COL_T, class Op>
 MR_HD void mr_joseph_walk_branch(float a, float m, int n_rows, int n_cols, Op& op) {
     const int n_major = COL ? n_cols : n_rows;  // sampled axis
     const int n_minor = COL ? n_rows : n_cols;  // interpolated axis
-    const mr_index step = (COL && !COL_T) ? n_cols : 1;
+    const mr_pindex step = (COL && !COL_T) ? n_cols : 1;
     // Samples can be nonzero only where −1 < t < n_minor: the clip [lo, hi].  Inside it, the
     // samples with 0 ≤ t < n_minor − 1 need no bounds checks: [in_lo, in_hi].
     float lo = 0.0f, hi = (float)(n_major - 1), in_lo = lo, in_hi = hi;
@@ -174,23 +174,23 @@ struct MrJosephRead {
     mr_index plane;
     int nb;
     float acc[NB];
-    MR_HD void sample(mr_index idx, mr_index step, bool in0, bool in1, float f) {
+    MR_HD void sample(mr_pindex idx, mr_pindex step, bool in0, bool in1, float f) {
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             if (b < nb) {
                 const float* p = base + b * plane;
-                const float v0 = in0 ? p[idx] : 0.0f;
-                const float v1 = in1 ? p[idx + step] : 0.0f;
+                const float v0 = in0 ? mr_load(p + idx) : 0.0f;
+                const float v1 = in1 ? mr_load(p + idx + step) : 0.0f;
                 acc[b] += (1.0f - f) * v0 + f * v1;
             }
         }
     }
-    MR_HD void inner(mr_index idx, mr_index step, float f) {
+    MR_HD void inner(mr_pindex idx, mr_pindex step, float f) {
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             if (b < nb) {
                 const float* p = base + b * plane;
-                acc[b] += (1.0f - f) * p[idx] + f * p[idx + step];
+                acc[b] += (1.0f - f) * mr_load(p + idx) + f * mr_load(p + idx + step);
             }
         }
     }
@@ -200,11 +200,11 @@ struct MrJosephRead {
 struct MrJosephAdd {
     float* base;
     float value;
-    MR_HD void sample(mr_index idx, mr_index step, bool in0, bool in1, float f) {
+    MR_HD void sample(mr_pindex idx, mr_pindex step, bool in0, bool in1, float f) {
         if (in0) mr_add(base + idx, (1.0f - f) * value);
         if (in1) mr_add(base + idx + step, f * value);
     }
-    MR_HD void inner(mr_index idx, mr_index step, float f) {
+    MR_HD void inner(mr_pindex idx, mr_pindex step, float f) {
         mr_add(base + idx, (1.0f - f) * value);
         mr_add(base + idx + step, f * value);
     }
@@ -293,7 +293,7 @@ MR_HD void mr_adjoint_body(const float* sino, mr_index plane, int nb, const floa
             j = j < 0 ? 0 : (j > n_det - 1 ? n_det - 1 : j);
 #pragma unroll
             for (int b = 0; b < NB; ++b)
-                if (b < nb) acc[b] += hw * sk[b * plane + j];
+                if (b < nb) acc[b] += hw * mr_load(sk + b * plane + j);
         }
     }
 }
