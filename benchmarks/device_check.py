@@ -21,7 +21,7 @@ Sections (each a function with its own time budget; an error is recorded, never 
     sde_step       the fused SDE update against torch's three-op update
     unet_step      U-Net step fp32 / fp16 / CUDA graph      (if mar_rt.models.unet imports)
     pipeline       full DuDoCROP latency                     (if mar_rt.runtime.pipeline imports)
-    gpu_tests      pytest -m gpu tests/kernels/test_gpu.py
+    gpu_tests      pytest -m gpu, one run per file of GPU_TEST_FILES
     train_gpu      ``train_bundle`` on CUDA: smoke preset, then tiny-gpu under a time budget
 """
 
@@ -713,7 +713,9 @@ print("TRAIN_REPORT " + json.dumps({"wall_s": time.perf_counter() - t0, "report"
 """
 
 
-def train_gpu(budget: Budget, sources: Path, out_dir: Path) -> dict:
+def train_gpu(
+    budget: Budget, sources: Path, out_dir: Path, configs: tuple[str, ...] = ("smoke", "tiny-gpu")
+) -> dict:
     """``train_bundle`` on CUDA: the ``smoke`` preset end to end, then ``tiny-gpu`` under a
     wall-time budget (whatever this section has left).  Each in a child process with a
     timeout; the stage reports (``<work>/ckpt/*.done``) and the child's log are kept."""
@@ -722,7 +724,8 @@ def train_gpu(budget: Budget, sources: Path, out_dir: Path) -> dict:
     if not sources.is_dir():
         return {"status": f"skipped: no sources at {sources} (mar-rt train export-sources)"}
     out: dict[str, Any] = {"sources": str(sources)}
-    for config, reserve in (("smoke", 0.0), ("tiny-gpu", 25.0)):
+    for config in configs:
+        reserve = 0.0 if config == "smoke" else 25.0  # smoke: no time budget, it is short
         left = budget.left() - 10
         if left < 30:
             out[config] = {"status": "skipped: section budget spent"}
@@ -772,36 +775,42 @@ def train_gpu(budget: Budget, sources: Path, out_dir: Path) -> dict:
     return out
 
 
+GPU_TEST_FILES = (
+    "tests/kernels/test_gpu.py",
+    "tests/ct/test_projector.py",
+    "tests/ct/test_mar.py",
+    "tests/runtime/test_sampler.py",
+    "tests/runtime/test_pipeline_gpu.py",
+)
+
+
 def gpu_tests(budget: Budget) -> dict:
     reason = _need_gpu()
     if reason:
         return {"status": reason}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-m",
-        "gpu",
-        "-p",
-        "no:cacheprovider",
-        "tests/kernels/test_gpu.py",
-    ]
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(10.0, budget.left())
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": "error: pytest timed out"}
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
-    return {
-        "returncode": proc.returncode,
-        "summary": lines[-1] if lines else "",
-        "tail": lines[-30:],
-    }
+    results = {}
+    for path in GPU_TEST_FILES:
+        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", path]
+        if not budget.ok(5):
+            results[path] = {"status": "skipped: section budget spent"}
+            continue
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(10.0, budget.left())
+            )
+        except subprocess.TimeoutExpired:
+            results[path] = {"status": "error: pytest timed out"}
+            continue
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        results[path] = {
+            "returncode": proc.returncode,
+            "summary": lines[-1] if lines else "",
+            "tail": lines[-30:],
+        }
+        log.info("%s: %s", path, results[path]["summary"])
+    return {"files": results}
 
 
-# --------------------------------------------------------------------------- driver
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for device_check.{log,json}")
@@ -812,6 +821,9 @@ def main(argv: list[str] | None = None) -> int:
         "--train-sources",
         default=str(ROOT / ".gpu_data" / "sources"),
         help="clean slices for train_gpu (mar-rt train export-sources --out ...)",
+    )
+    parser.add_argument(
+        "--train-configs", nargs="*", default=["smoke", "tiny-gpu"], help="train_gpu presets"
     )
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
@@ -835,8 +847,12 @@ def main(argv: list[str] | None = None) -> int:
         ("sde_step", 20, lambda b: sde_step_section(b, r)),
         ("unet_step", 60, lambda b: unet_step(b, r)),
         ("pipeline", 200, lambda b: pipeline(b, 10)),
-        ("gpu_tests", 60, gpu_tests),
-        ("train_gpu", 240, lambda b: train_gpu(b, Path(args.train_sources), out_dir)),
+        ("gpu_tests", 150, gpu_tests),
+        (
+            "train_gpu",
+            240,
+            lambda b: train_gpu(b, Path(args.train_sources), out_dir, tuple(args.train_configs)),
+        ),
     ]
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "sections": {}}
     json_path = out_dir / "device_check.json"

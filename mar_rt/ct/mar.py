@@ -267,9 +267,10 @@ def kmeans_1d(values: torch.Tensor, centres: tuple[float, ...], iters: int = 200
     In 1-D each class is a run of the sorted values, cut at the midpoints between centres
     (a value on a midpoint goes to the lower class, as argmin does). Returns the start index
     of every class in ``torch.sort(values)`` plus ``len(values)``; an empty class keeps its
-    centre.
+    centre.  Runs on the CPU whatever the device of ``values`` (one copy; the iterations
+    then need no device synchronisation).
     """
-    v = torch.sort(values.reshape(-1).to(torch.float64)).values
+    v = torch.sort(values.detach().reshape(-1).to("cpu", torch.float64)).values
     cs = torch.cat([v.new_zeros(1), torch.cumsum(v, 0)])
     c = list(centres)
     cuts: list[int] = []
@@ -305,7 +306,7 @@ def nmar_prior(li_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     thresh_bone.
     """
     x = torch.where(mask, torch.full_like(li_image, MU_WATER), li_image).to(torch.float64)
-    v = torch.sort(x.reshape(-1)).values
+    v = torch.sort(x.reshape(-1).cpu()).values
     cuts = kmeans_1d(v, (0.0, MU_WATER, 2 * MU_WATER))
     bone_min = float(v[cuts[2]]) if cuts[3] > cuts[2] else float("inf")
     thresh_bone = max(bone_min, 1.2 * MU_WATER)

@@ -469,6 +469,7 @@ def clip_set(
     chunk: int = 32,
     progress: Callable[[int, int], None] | None = None,
     clean: bool = False,
+    deadline: float | None = None,
 ) -> ClipSet:
     """Simulate the pairs ``jobs`` of ``slices`` exactly as :func:`generate_pairs` does (same
     seeds: a case here equals the U-Net set's case of the same name) and keep only both
@@ -482,26 +483,37 @@ def clip_set(
     ``cache_file``: one torch file holding the set and its key (seed, size, the cases, the
     prompt templates' digest); read when the key matches, else rewritten (temporary name,
     then rename).
+
+    ``deadline`` (``time.monotonic()`` value): stop between chunks once it has passed, after
+    at least one chunk, with the pairs made so far (``jobs`` interleave the slices, see
+    :func:`training_jobs`, so every slice is still covered); the cache then holds that set.
     """
-    key = json.dumps(
-        {
-            "seed": int(seed),
-            "size": int(size),
-            "cases": [f"{slices[i].slice_id}/{k}/{s}" for i, k, s in jobs],
-            "prompts": prompts.template_digest(),
-            "clean": bool(clean),
-        }
-    )
+
+    def cache_key(todo: Sequence[tuple[int, int, int | None]]) -> str:
+        return json.dumps(
+            {
+                "seed": int(seed),
+                "size": int(size),
+                "cases": [f"{slices[i].slice_id}/{k}/{s}" for i, k, s in todo],
+                "prompts": prompts.template_digest(),
+                "clean": bool(clean),
+            }
+        )
+
     path = Path(cache_file) if cache_file is not None else None
     if path is not None and path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("key") == key:
+        if stored.get("key") == cache_key(jobs):
             metas = [PairMeta.from_dict(d) for d in json.loads(stored["metas"])]
             return ClipSet(metas, {d: stored[d] for d in ("image", "sinogram")})
         log.info("%s: made for other pairs; simulating again", path)
     metas: list[PairMeta] = []
     parts: dict[str, list[torch.Tensor]] = {"image": [], "sinogram": []}
     for i in range(0, len(jobs), chunk):
+        if deadline is not None and metas and time.monotonic() > deadline:
+            log.info("clip_set: time budget spent after %d of %d pairs", i, len(jobs))
+            jobs = jobs[:i]
+            break
         pairs = generate_pairs(slices, jobs[i : i + chunk], seed=seed, device=device)
         if clean:
             pairs = _with_clean_scans(pairs, slices, {m.slice_id for m in metas})
@@ -516,7 +528,8 @@ def clip_set(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"key": key, "metas": json.dumps([m.to_dict() for m in metas]), **inputs}, tmp)
+        metas_json = json.dumps([m.to_dict() for m in metas])
+        torch.save({"key": cache_key(jobs), "metas": metas_json, **inputs}, tmp)
         os.replace(tmp, path)
     return ClipSet(metas, inputs)
 

@@ -465,7 +465,7 @@ def _stage_data(run: Run, slices: Sequence[CleanSlice]) -> None:
     clip_stages = [st for st in ("clip_image", "clip_sinogram") if st in run.stages]
     if "data" in run.stages or clip_stages:
         own_set = "data" in run.stages or any(getattr(r, st).own_set for st in clip_stages)
-        _clip_data(run, slices, val_slices, own_set=own_set)
+        _clip_data(run, slices, val_slices, own_set=own_set, deadline=deadline)
         if run.clip_train is not None:
             clip_info["clip_pairs"] = len(run.clip_train)
         if run.clip_val is not None:
@@ -480,10 +480,16 @@ def _stage_data(run: Run, slices: Sequence[CleanSlice]) -> None:
 
 
 def _clip_data(
-    run: Run, slices: Sequence[CleanSlice], val_slices: Sequence[CleanSlice], *, own_set: bool
+    run: Run,
+    slices: Sequence[CleanSlice],
+    val_slices: Sequence[CleanSlice],
+    *,
+    own_set: bool,
+    deadline: float | None = None,
 ) -> None:
-    """DuDoCLIP's own training pairs (when ``own_set``) and PI_s cases (``DataConfig.clip_*``),
-    cached in ``<work>/cache``; the same seeds as the U-Net pairs."""
+    """DuDoCLIP's own training pairs (when ``own_set``; cut short at the data stage's
+    ``deadline``) and PI_s cases (``DataConfig.clip_*``, always whole), cached in
+    ``<work>/cache``; the same seeds as the U-Net pairs."""
     r = run.recipe
     counts = r.data.clip_counts()
     log_progress = (lambda i, n: log.info("clip data: pair %d/%d", i, n)) if run.progress else None
@@ -494,7 +500,7 @@ def _clip_data(
         run.clip_train = D.clip_set(
             train_slices, D.training_jobs(train_slices, counts), **common,
             cache_file=run.work / "cache" / "clip_train.pt", progress=log_progress,
-            clean=r.data.clip_clean,
+            clean=r.data.clip_clean, deadline=deadline,
         )  # fmt: skip
         D.check_no_validation(run.clip_train.metas, r.data.val_ids)
     if r.data.clip_val_masks and val_slices:

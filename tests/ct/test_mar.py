@@ -140,6 +140,25 @@ def test_nmar_restores_the_trace_far_better_than_li() -> None:
     assert set(torch.unique(prior[prior <= MU_WATER]).tolist()) <= {0.0, MU_WATER}
 
 
+@pytest.mark.gpu
+def test_nmar_on_cuda_matches_the_cpu() -> None:
+    """NMAR (its k-means included) on CUDA tensors gives the CPU result."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from mar_rt.ct.projector import Projector
+
+    g = _small_geometry()
+    truth, mask = _phantom(g)
+    out = {}
+    for device in ("cpu", "cuda"):
+        proj = Projector(g, device=device, dtype=torch.float64)
+        p_meas = proj.forward(truth.to(device)) + proj.forward(mask.double().to(device)) * 2.4
+        ma = proj.fbp(p_meas)
+        out[device] = mar.nmar_correct(ma, mask.to(device), g, p_meas, projector=proj)
+    for key in ("prior", "nmar_sinogram", "nmar_image"):
+        torch.testing.assert_close(out["cuda"][key].cpu(), out["cpu"][key], msg=key)
+
+
 def test_kmeans_1d_matches_lloyd() -> None:
     rng = np.random.default_rng(0)
     v = np.concatenate(

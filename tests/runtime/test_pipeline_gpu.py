@@ -52,6 +52,26 @@ def test_cuda_matches_cpu_without_noise(bundle):
         torch.testing.assert_close(outs[1][k], outs[0][k], rtol=1e-3, atol=2e-4, msg=k)
 
 
+def test_cuda_nmar_reversion_targets_match_cpu(bundle):
+    """``mu_source="nmar"`` (the demo bundle's) on CUDA: the NMAR pair equals the CPU one."""
+    x = _slice()
+    targets = []
+    for device in ("cpu", "cuda"):
+        with DuDoCROPPipeline.from_bundle(bundle, device=device) as pipe:
+            cfg = pipe.config.replace(
+                mu_source="nmar", run_image_sde=False, run_sinogram_sde=False, osro_residual=False
+            )
+            out = pipe.with_config(cfg)(x.to(device), steps=1, seed=0)
+            assert torch.isfinite(out.output).all()
+            targets.append(
+                {k: v.cpu() for k, v in out.intermediates.items()} | {"out": out.output.cpu()}
+            )
+    # with both loops off, X_p / Y_p are the loops' μ: the NMAR pair, not the LI one
+    assert not torch.allclose(targets[0]["x_p"], targets[0]["x_li"])
+    for k in ("x_p", "y_p", "out"):
+        torch.testing.assert_close(targets[1][k], targets[0][k], rtol=1e-3, atol=2e-4, msg=k)
+
+
 def test_cuda_fp16_backend_runs(bundle):
     with DuDoCROPPipeline.from_bundle(bundle, device="cuda", precision="fp16") as pipe:
         out = pipe(_slice().cuda(), steps=2, seed=0)

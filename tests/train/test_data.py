@@ -200,6 +200,25 @@ def test_clip_set_is_what_dudoclip_sees_of_the_pairs_and_caches(tmp_path, monkey
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_clip_set_stops_at_its_deadline_after_one_chunk(tmp_path):
+    """A passed deadline leaves the first chunk (both slices, interleaved jobs); the cache
+    holds that set, so the full job list simulates again instead of reading it."""
+    slices = [
+        CleanSlice("toy_a", ellipse_phantom(11, region="pelvis"), "phantom", "generated"),
+        CleanSlice("toy_b", ellipse_phantom(12, region="chest"), "phantom", "generated"),
+    ]
+    cfg = D.DataConfig(masks_per_slice=2, phantoms=0, phantom_masks=2)
+    jobs = D.training_jobs(slices, cfg)
+    assert jobs == [(0, 0, None), (1, 0, None), (0, 1, None), (1, 1, None)]
+    cache = tmp_path / "clip.pt"
+    cut = D.clip_set(slices, jobs, seed=7, size=32, chunk=2, cache_file=cache, deadline=0.0)
+    assert [m.case for m in cut.metas] == ["toy_a/0", "toy_b/0"]
+    assert cut.inputs["image"].shape[0] == 2
+    whole = D.clip_set(slices, jobs, seed=7, size=32, chunk=2, cache_file=cache)
+    assert [m.case for m in whole.metas] == ["toy_a/0", "toy_b/0", "toy_a/1", "toy_b/1"]
+    assert torch.equal(whole.inputs["image"][:2], cut.inputs["image"])
+
+
 def test_clip_set_clean_scan_is_the_simulators_metal_free_scan():
     slices = [
         CleanSlice("toy_a", ellipse_phantom(11, region="pelvis"), "phantom", "generated"),
