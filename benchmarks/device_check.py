@@ -339,12 +339,13 @@ def kernel_timings(budget: Budget, repeats: int) -> dict:
     return res
 
 
-# Compile-time switches of projector.cu, each the previous state of one optimisation.
+# Compile-time switches of projector.cu, each the previous state of one optimisation.  The
+# read-only cache is used by the multi-slice forward kernels only (projector.cu).
 KERNEL_VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline (64-bit index, plain loads)": ("MR_PLANE_INDEX64", "MR_NO_LDG"),
     "32-bit index, plain loads": ("MR_NO_LDG",),
-    "64-bit index, __ldg": ("MR_PLANE_INDEX64",),
-    "default (32-bit index, __ldg)": (),
+    "64-bit index, read-only cache": ("MR_PLANE_INDEX64",),
+    "default (32-bit index, read-only cache)": (),
 }
 BLOCK_SIZES = (64, 128, 256, 512, 1024)
 
