@@ -219,7 +219,9 @@ def save_bundle(
             tensors = {
                 k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()
             }
-            save_file(tensors, str(tmp / weights), metadata={"format": "pt", "kind": kind})
+            # one metadata key: safetensors orders the keys of its header metadata by a
+            # randomly seeded hash, so with two the same tensors could give other bytes
+            save_file(tensors, str(tmp / weights), metadata={"format": "pt"})
             manifest["networks"][name] = {
                 "kind": kind,
                 "config": net_cfg,

@@ -96,7 +96,7 @@ def retrained_copy(src: Path, dst: Path, network: str, change) -> Path:
     entry = bundle.config["networks"][network]
     path = dst / entry["weights"]
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "kind": entry["kind"]})
+    save_file(tensors, str(path), metadata={"format": "pt"})
     manifest = json.loads((dst / "bundle.json").read_text())
     manifest["networks"][network]["sha256"] = sha256_file(path)
     (dst / "bundle.json").write_text(json.dumps(manifest, indent=2))

@@ -89,6 +89,19 @@ def test_round_trip(bundle_dir):
     assert sorted(p.name for p in folder.parent.iterdir()) == ["bundle"]
 
 
+def test_same_weights_give_the_same_bytes(bundle_dir, tmp_path):
+    """Saving the same networks again writes the same weight files (same sha256): a bundle's
+    checksums identify its tensors, not the run that wrote them."""
+    folder, nets = bundle_dir
+    first = load_bundle(folder).config["networks"]
+    for i in range(12):
+        again = save_bundle(tmp_path / f"again{i}", _config(), nets)
+        networks = load_bundle(again).config["networks"]
+        assert {n: e["sha256"] for n, e in networks.items()} == {
+            n: e["sha256"] for n, e in first.items()
+        }
+
+
 def test_refuses_missing_weights(bundle_dir):
     folder, _ = bundle_dir
     (folder / "unet_sino.safetensors").unlink()
