@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 _DOMAINS = {"clip": ("image", "sinogram"), "sde": ("image", "sinogram", "residual")}
 
 DataOpt = Annotated[
-    Path,
+    list[Path],
     typer.Option(
         "--data",
         help="Clean CT slices: the shared data folder, an export-sources folder, or a folder "
-        "of gt.h5 / .npy / .png / .dcm / .nii files.",
+        "of gt.h5 / .npy / .png / .dcm / .nii files. Repeat to combine sources.",
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Bundle folder to write.")]
@@ -61,7 +61,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _run(
     stages: tuple[str, ...],
-    data: Path,
+    data: list[Path],
     out: Path,
     config: str,
     device: str,
@@ -80,12 +80,13 @@ def _run(
     if threads:
         torch.set_num_threads(threads)
     from mar_rt.train.recipe import recipe_config, train_bundle
+    from mar_rt.train.sources import load_clean_slices
 
     try:
         recipe = recipe_config(config, device=device, seed=seed)
         report = train_bundle(
-            data, out, recipe=recipe, device=device, max_minutes=max_minutes, work_dir=work,
-            resume=resume, progress=not quiet, stages=stages, init_from=init_from,
+            load_clean_slices(data), out, recipe=recipe, device=device, max_minutes=max_minutes,
+            work_dir=work, resume=resume, progress=not quiet, stages=stages, init_from=init_from,
         )  # fmt: skip
     except (MarRtError, ValueError) as exc:
         raise _fail(str(exc)) from exc

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,15 +240,22 @@ def read_exported(folder: str | os.PathLike[str]) -> list[CleanSlice]:
 
 
 def load_clean_slices(
-    path: str | os.PathLike[str], *, units: str | None = None
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, units: str | None = None
 ) -> list[CleanSlice]:
-    """All clean slices under ``path``, sorted by id.
+    """All clean slices under ``path`` (or under each of several paths), sorted by id.
 
     The shared data folder (has ``syndeeplesion/`` or ``clean-ct/``) and exported folders
     (``sources.json``) are read by their layout; any other folder is walked for ``gt.h5``,
     ``.npy`` (``units``), ``.png``, ``.dcm`` and ``.nii[.gz]`` files. A single file works too.
-    BadInputError when nothing usable is found.
+    BadInputError when nothing usable is found in a path, or when two slices share an id.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        paths = list(path)
+        if not paths:
+            raise BadInputError("no data sources given")
+        slices = [s for p in paths for s in load_clean_slices(p, units=units)]
+        _refuse_duplicates(slices, " + ".join(str(p) for p in paths))
+        return sorted(slices, key=lambda s: s.slice_id)
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{path}: no such file or folder")
@@ -273,11 +280,15 @@ def load_clean_slices(
                 slices.extend(read_nifti_slices(f))
     if not slices:
         raise BadInputError(f"{path}: no clean CT slices found (gt.h5, .npy, .png, .dcm, .nii)")
+    _refuse_duplicates(slices, str(path))
+    return sorted(slices, key=lambda s: s.slice_id)
+
+
+def _refuse_duplicates(slices: Sequence[CleanSlice], where: str) -> None:
     ids = [s.slice_id for s in slices]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise BadInputError(f"{path}: duplicate slice ids {dup}; rename the files")
-    return sorted(slices, key=lambda s: s.slice_id)
+        raise BadInputError(f"{where}: duplicate slice ids {dup}; rename the files")
 
 
 def export_sources(slices: Iterable[CleanSlice], out: str | os.PathLike[str]) -> Path:

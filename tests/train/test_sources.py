@@ -94,3 +94,18 @@ def test_missing_and_empty(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInputError):
         sources.load_clean_slices(tmp_path / "empty")
+
+
+def test_several_sources_combine_and_ids_stay_unique(tmp_path):
+    a = [sources.CleanSlice("toy_a", ellipse_phantom(1), "phantom 1", "generated")]
+    b = [sources.CleanSlice("toy_b", ellipse_phantom(2), "phantom 2", "generated")]
+    sources.export_sources(a, tmp_path / "one")
+    sources.export_sources(b, tmp_path / "two")
+    np.save(tmp_path / "loose.npy", ellipse_phantom(3))  # a plain file as a third source
+    both = sources.load_clean_slices([tmp_path / "two", tmp_path / "one", tmp_path / "loose.npy"])
+    assert [s.slice_id for s in both] == ["npy_loose", "toy_a", "toy_b"]
+    np.testing.assert_array_equal(both[1].image_mu, a[0].image_mu)
+    with pytest.raises(BadInputError, match=r"one \+ .*one: duplicate slice ids \['toy_a'\]"):
+        sources.load_clean_slices([tmp_path / "one", tmp_path / "one"])
+    with pytest.raises(BadInputError, match="no data sources"):
+        sources.load_clean_slices([])
