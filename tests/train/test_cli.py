@@ -19,18 +19,15 @@ def smoke_run(tmp_path_factory):
     from mar_rt.cli import app
 
     root = tmp_path_factory.mktemp("train")
-    # two clean slices; one carries the reserved validation id, so it must stay out of training
-    export_sources(
-        [
-            CleanSlice("toy_a", ellipse_phantom(1, region="abdomen"), "phantom", "generated"),
-            CleanSlice(
-                RESERVED_VAL_ID, ellipse_phantom(2, region="pelvis"), "phantom", "generated"
-            ),
-        ],
-        root / "src",
-    )
+    # two clean slices from two sources (--data twice); one carries the reserved validation
+    # id, so it must stay out of training
+    toy = CleanSlice("toy_a", ellipse_phantom(1, region="abdomen"), "phantom", "generated")
+    export_sources([toy], root / "src")
+    val = CleanSlice(RESERVED_VAL_ID, ellipse_phantom(2, region="pelvis"), "phantom", "generated")
+    export_sources([val], root / "src_val")
     args = ["train", "bundle", "--config", "smoke", "--data", str(root / "src"),
-            "--out", str(root / "bundle"), "--quiet", "--threads", "1"]  # fmt: skip
+            "--data", str(root / "src_val"), "--out", str(root / "bundle"), "--quiet",
+            "--threads", "1"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return root, result.output
@@ -96,14 +93,16 @@ def test_clip_without_own_set_trains_on_the_unet_pairs(smoke_run, tmp_path):
     import dataclasses
 
     from mar_rt.train.recipe import recipe_config, train_bundle
+    from mar_rt.train.sources import load_clean_slices
 
     root, _ = smoke_run
+    slices = load_clean_slices([root / "src", root / "src_val"])
     recipe = recipe_config("smoke")
     recipe = dataclasses.replace(
         recipe, clip_image=dataclasses.replace(recipe.clip_image, own_set=False)
     )
     report = train_bundle(
-        root / "src", tmp_path / "b", recipe=recipe, work_dir=tmp_path / "w", progress=False,
+        slices, tmp_path / "b", recipe=recipe, work_dir=tmp_path / "w", progress=False,
         stages=("data", "clip_image", "clip_sinogram"),
     )  # fmt: skip
     image, sinogram = report["stages"]["clip_image"], report["stages"]["clip_sinogram"]
@@ -112,7 +111,7 @@ def test_clip_without_own_set_trains_on_the_unet_pairs(smoke_run, tmp_path):
     assert (sinogram["pairs"], sinogram["zero_shot"]["train"]["n"]) == (3, 3)
     # the image stage alone does not simulate a set it does not train on, only its PI_s cases
     report = train_bundle(
-        root / "src", tmp_path / "b2", recipe=recipe, work_dir=tmp_path / "w2", progress=False,
+        slices, tmp_path / "b2", recipe=recipe, work_dir=tmp_path / "w2", progress=False,
         stages=("clip_image",),
     )  # fmt: skip
     assert "clip_pairs" not in report["stages"]["data"]
@@ -138,8 +137,9 @@ def test_init_from_starts_the_unets_at_the_bundle_weights(smoke_run):
     keys = ("sde", "geometry", "normalisation", "pipeline", "prompt_version")
     save_bundle(root / "start", {k: trained.config[k] for k in keys}, nets)
     args = ["train", "sde", "--domain", "image", "--config", "smoke", "--data", str(root / "src"),
-            "--out", str(root / "tuned"), "--work", str(root / "bundle.work"),
-            "--init-from", str(root / "start"), "--quiet", "--threads", "1"]  # fmt: skip
+            "--data", str(root / "src_val"), "--out", str(root / "tuned"),
+            "--work", str(root / "bundle.work"), "--init-from", str(root / "start"), "--quiet",
+            "--threads", "1"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     start, tuned = load_bundle(root / "start"), load_bundle(root / "tuned")
@@ -167,7 +167,8 @@ def test_init_from_refuses_a_bundle_of_another_config(smoke_run):
 
     root, _ = smoke_run
     args = ["train", "sde", "--domain", "image", "--config", "tiny", "--data", str(root / "src"),
-            "--out", str(root / "other"), "--init-from", str(root / "bundle")]  # fmt: skip
+            "--data", str(root / "src_val"), "--out", str(root / "other"),
+            "--init-from", str(root / "bundle")]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert "bundle.json" in result.output and "differs from the recipe" in result.output
