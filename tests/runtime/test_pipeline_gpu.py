@@ -35,41 +35,38 @@ def test_cuda_deterministic_and_streams(bundle):
         assert batch.output.shape == (2, *x.shape)
 
 
-def test_cuda_matches_cpu_without_noise(bundle):
-    """With both DAPG loops and the residual loop off, nothing is random: CPU ≈ CUDA."""
+def _without_noise(bundle, **changes) -> list[dict[str, torch.Tensor]]:
+    """Intermediates and output (key ``out``) on the CPU, then on CUDA, with both DAPG loops and
+    the residual loop off (nothing random is drawn) and ``changes`` to the bundle's config."""
     x = _slice()
-    outs = []
+    runs = []
     for device in ("cpu", "cuda"):
         with DuDoCROPPipeline.from_bundle(bundle, device=device) as pipe:
             cfg = pipe.config.replace(
-                run_image_sde=False, run_sinogram_sde=False, osro_residual=False
+                run_image_sde=False, run_sinogram_sde=False, osro_residual=False, **changes
             )
             out = pipe.with_config(cfg)(x.to(device), steps=1, seed=0)
-            outs.append(
+            assert torch.isfinite(out.output).all()
+            runs.append(
                 {k: v.cpu() for k, v in out.intermediates.items()} | {"out": out.output.cpu()}
             )
+    return runs
+
+
+def test_cuda_matches_cpu_without_noise(bundle):
+    """With both DAPG loops and the residual loop off, nothing is random: CPU ≈ CUDA."""
+    cpu, cuda = _without_noise(bundle)
     for k in ("x_li", "y_li", "x_p_prime", "out"):
-        torch.testing.assert_close(outs[1][k], outs[0][k], rtol=1e-3, atol=2e-4, msg=k)
+        torch.testing.assert_close(cuda[k], cpu[k], rtol=1e-3, atol=2e-4, msg=k)
 
 
 def test_cuda_nmar_reversion_targets_match_cpu(bundle):
     """``mu_source="nmar"`` (the demo bundle's) on CUDA: the NMAR pair equals the CPU one."""
-    x = _slice()
-    targets = []
-    for device in ("cpu", "cuda"):
-        with DuDoCROPPipeline.from_bundle(bundle, device=device) as pipe:
-            cfg = pipe.config.replace(
-                mu_source="nmar", run_image_sde=False, run_sinogram_sde=False, osro_residual=False
-            )
-            out = pipe.with_config(cfg)(x.to(device), steps=1, seed=0)
-            assert torch.isfinite(out.output).all()
-            targets.append(
-                {k: v.cpu() for k, v in out.intermediates.items()} | {"out": out.output.cpu()}
-            )
+    cpu, cuda = _without_noise(bundle, mu_source="nmar")
     # with both loops off, X_p / Y_p are the loops' μ: the NMAR pair, not the LI one
-    assert not torch.allclose(targets[0]["x_p"], targets[0]["x_li"])
+    assert not torch.allclose(cpu["x_p"], cpu["x_li"])
     for k in ("x_p", "y_p", "out"):
-        torch.testing.assert_close(targets[1][k], targets[0][k], rtol=1e-3, atol=2e-4, msg=k)
+        torch.testing.assert_close(cuda[k], cpu[k], rtol=1e-3, atol=2e-4, msg=k)
 
 
 def test_cuda_fp16_backend_runs(bundle):
