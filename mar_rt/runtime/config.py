@@ -22,6 +22,9 @@ from typing import Any, Literal
 
 MuSource = Literal["li", "nmar", "ma"]
 SizePolicy = Literal["resample", "refuse"]
+SamplerName = Literal["posterior", "euler"]
+SAMPLERS = ("posterior", "euler")
+"""Reverse-SDE samplers (DESIGN §7.3): the posterior sampler and Euler–Maruyama."""
 
 ABLATIONS = ("full", "sde_only", "dapg_only")
 """Named ablations of DESIGN §9: IR-SDE alone (no DuDoCLIP), DAPG only (no OSRO), full."""
@@ -35,6 +38,9 @@ class PipelineConfig:
         steps: reverse-SDE steps of the image and sinogram loops (S ≤ T of the bundle's SDE).
         residual_steps: steps of the residual loop; ``None`` means the DAPG loops' count
             (``steps``, or the ``steps`` a call asks for).
+        sampler: the reverse-SDE sampler of every loop: ``"posterior"`` (IR-SDE's posterior
+            sampling, the last step returns x̂₀) or ``"euler"`` (Euler–Maruyama on the reverse
+            SDE, the reference's ``reverse_sde``).
         mu_source: what the DAPG loops revert to: ``"li"`` (X_LI, Y_LI), ``"nmar"``
             (X_NMAR, Y_NMAR: NMAR's prior-normalised interpolation, DESIGN §6) or ``"ma"``
             (X_ma, Y_ma, as the paper does). CLIP always sees X_ma / Y_ma.
@@ -63,6 +69,7 @@ class PipelineConfig:
 
     steps: int = 20
     residual_steps: int | None = None
+    sampler: SamplerName = "posterior"
     mu_source: MuSource = "li"
     use_clip: bool = True
     run_image_sde: bool = True
@@ -95,6 +102,10 @@ class PipelineConfig:
             raise ValueError(
                 f"PipelineConfig: residual_steps must be None or a positive integer, "
                 f"got {self.residual_steps!r}"
+            )
+        if self.sampler not in SAMPLERS:
+            raise ValueError(
+                f"PipelineConfig: sampler must be one of {SAMPLERS}, got {self.sampler!r}"
             )
         if self.mu_source not in ("li", "nmar", "ma"):
             raise ValueError(
