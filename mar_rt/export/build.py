@@ -158,8 +158,8 @@ def build_engines(
         real_inputs: (image01, sino01) for the export verification (default: the demo slice).
         progress: ``progress(graph, message)``.
     """
+    from mar_rt.export.graphs import bundle_graph_names, bundle_graph_specs
     from mar_rt.models.bundle import load_bundle
-    from mar_rt.runtime.graphs import bundle_graph_names, bundle_graph_specs
 
     started = time.perf_counter()
     say = progress or (lambda g, m: log.info("%s: %s", g, m))

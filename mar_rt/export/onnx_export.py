@@ -1,6 +1,6 @@
 """ONNX export of a bundle's graphs, with verification and ``onnx/manifest.json`` (DESIGN §10).
 
-Every graph of ``mar_rt.runtime.graphs`` (``clip_*``, ``unet_*_cond``, ``unet_*_step``) is
+Every graph of ``mar_rt.export.graphs`` (``clip_*``, ``unet_*_cond``, ``unet_*_step``) is
 exported to ``<out>/onnx/<graph>.onnx`` with the fixed IO names, opset 18, H and W fixed to the
 bundle's geometry and a dynamic batch axis ``B`` (1 … ``max_batch``), then checked:
 
@@ -48,6 +48,12 @@ import torch
 
 from mar_rt.errors import BundleError, MarRtError
 from mar_rt.export.cache import read_json, sha256_file, write_json_atomic
+from mar_rt.export.graphs import (
+    NETWORK_OF_GRAPH,
+    bundle_graph_module,
+    bundle_graph_names,
+    bundle_graph_specs,
+)
 from mar_rt.export.verify import (
     FP32_ATOL,
     VerifyReport,
@@ -414,8 +420,6 @@ def export_bundle(
         ExportError: a graph failed to export, or failed its structural or numerical check
             (the failing file is removed; the others stay recorded).
     """
-    from mar_rt.runtime.graphs import bundle_graph_module, bundle_graph_names, bundle_graph_specs
-
     say = progress or (lambda g, m: log.info("%s: %s", g, m))
     onnx_dir = Path(out if out is not None else bundle.folder) / ONNX_DIR
     onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -525,6 +529,4 @@ def export_bundle(
 
 def graph_network(graph: str) -> str:
     """The bundle network a graph runs (``unet_image_step`` → ``unet_image``)."""
-    from mar_rt.runtime.graphs import NETWORK_OF_GRAPH
-
     return NETWORK_OF_GRAPH[graph]

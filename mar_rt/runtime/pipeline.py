@@ -43,11 +43,11 @@ from mar_rt.ct import units
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.mar import li_inpaint, nmar_from_li, segment_metal
 from mar_rt.errors import BadInputError, MarRtError
+from mar_rt.export.graphs import clip_graph
 from mar_rt.models.sde import SDEConfig
 from mar_rt.runtime import osro
 from mar_rt.runtime.backends import GraphSet
 from mar_rt.runtime.config import PipelineConfig
-from mar_rt.runtime.graphs import clip_graph
 from mar_rt.runtime.operators import Operators, select_operators
 from mar_rt.runtime.qa import QARecord, SliceQA, data_consistency_error
 from mar_rt.runtime.sampler import DomainSampler, ProgressFn, loop_generator

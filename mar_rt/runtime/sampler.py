@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mar_rt.export.graphs import cond_graph, step_graph
 from mar_rt.models.sde import (
     SDEConfig,
     StepCoefficients,
@@ -33,7 +34,6 @@ from mar_rt.models.sde import (
     sample_posterior,
 )
 from mar_rt.runtime.backends.base import Backend
-from mar_rt.runtime.graphs import cond_graph, step_graph
 
 DOMAIN_SEED_OFFSETS = {"image": 1_000_003, "sinogram": 2_000_003, "residual": 3_000_017}
 """Fixed per-domain offsets added to the pipeline seed: one independent generator per loop."""

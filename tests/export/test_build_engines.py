@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from mar_rt.cli import app
 from mar_rt.export.build import build_engines
 from mar_rt.export.cache import ENGINE_MANIFEST, EngineKey, read_engine_set, write_json_atomic
+from mar_rt.export.graphs import GRAPH_NAMES
 from mar_rt.export.onnx_export import ExportOptions, read_onnx_manifest
-from mar_rt.runtime.graphs import GRAPH_NAMES
 from tests.export._export_bundles import exported_micro_bundle, retrained_copy
 
 NO_VERIFY = ExportOptions(verify=False)

@@ -11,6 +11,12 @@ import torch
 
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.export.cache import sha256_file
+from mar_rt.export.graphs import (
+    GRAPH_NAMES,
+    bundle_graph_module,
+    bundle_graph_specs,
+    graph_specs,
+)
 from mar_rt.export.onnx_export import (
     OPSET,
     ExportError,
@@ -29,12 +35,6 @@ from mar_rt.export.verify import (
 )
 from mar_rt.models.bundle import load_bundle
 from mar_rt.runtime.demo import small_geometry
-from mar_rt.runtime.graphs import (
-    GRAPH_NAMES,
-    bundle_graph_module,
-    bundle_graph_specs,
-    graph_specs,
-)
 from tests.export._export_bundles import (
     exported_micro_bundle,
     live_micro_bundle,
@@ -239,7 +239,7 @@ def test_paper_networks_export(tmp_path, graph):
         embed_dims={"image": 512, "sinogram": 512},
         cond_dims=dict.fromkeys(("image", "sinogram", "residual"), UNetConfig.paper().cond_dim),
     )
-    from mar_rt.runtime.graphs import graph_module
+    from mar_rt.export.graphs import graph_module
 
     module = graph_module(net, graph)
     path = tmp_path / f"{graph}.onnx"

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from mar_rt.errors import BackendUnavailableError
+from mar_rt.export.graphs import graph_specs
 from mar_rt.export.tensorrt import (
     MISSING_TENSORRT,
     EngineBuildError,
@@ -24,7 +25,6 @@ from mar_rt.export.tensorrt import (
     profile_shapes,
     trt_engine_key,
 )
-from mar_rt.runtime.graphs import graph_specs
 
 SPECS = graph_specs(
     image_shape=(416, 416),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mar_rt.errors import BackendUnavailableError, MarRtError
+from mar_rt.export.graphs import GRAPH_NAMES, bundle_graph_specs
 from mar_rt.models.bundle import load_bundle
 from mar_rt.runtime.backends import (
     BackendStateError,
@@ -17,7 +18,6 @@ from mar_rt.runtime.backends import (
 )
 from mar_rt.runtime.backends.base import Backend
 from mar_rt.runtime.backends.torch_backend import TorchBackend
-from mar_rt.runtime.graphs import GRAPH_NAMES, bundle_graph_specs
 from tests.runtime._runtime_bundles import SMALL, micro_bundle
 
 

@@ -12,12 +12,12 @@ import torch
 
 from mar_rt.errors import BundleError, EngineMismatchError
 from mar_rt.export.build import build_engines
+from mar_rt.export.graphs import GRAPH_NAMES
 from mar_rt.export.onnx_export import ExportOptions
 from mar_rt.export.verify import random_feed
 from mar_rt.models.bundle import load_bundle
 from mar_rt.runtime.backends import GraphSet
 from mar_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-from mar_rt.runtime.graphs import GRAPH_NAMES
 from tests.export._export_bundles import SMALL, exported_micro_bundle
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from mar_rt.export.graphs import cond_graph, graph_specs, step_graph
 from mar_rt.models.sde import SDEConfig, make_schedule, posterior_coefficients
 from mar_rt.runtime.backends.base import Backend
-from mar_rt.runtime.graphs import cond_graph, graph_specs, step_graph
 from mar_rt.runtime.sampler import (
     DOMAIN_SEED_OFFSETS,
     DomainSampler,

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from mar_rt.errors import BackendUnavailableError
+from mar_rt.export.graphs import bundle_graph_names
 from mar_rt.runtime.backends.base import (
     PRECISIONS,
     Backend,
     BackendStateError,
     FeedError,
 )
-from mar_rt.runtime.graphs import bundle_graph_names
 
 log = logging.getLogger(__name__)
 

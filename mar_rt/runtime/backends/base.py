@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from mar_rt.errors import MarRtError
-from mar_rt.runtime.graphs import GraphSpec, TensorSpec
+from mar_rt.export.graphs import GraphSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
 
 
 class Backend(abc.ABC):
-    """Runs one graph (fixed IO names, ``mar_rt.runtime.graphs``) on one device.
+    """Runs one graph (fixed IO names, ``mar_rt.export.graphs``) on one device.
 
     Args:
         spec: the graph's name and IO specs.

@@ -31,6 +31,7 @@ import torch
 
 from mar_rt.errors import BackendUnavailableError, EngineMismatchError
 from mar_rt.export.cache import find_engine_set, read_verified
+from mar_rt.export.graphs import GraphSpec
 from mar_rt.export.onnx_export import ONNX_DIR, OnnxEntry, onnx_entry, read_onnx_manifest
 from mar_rt.export.ort import (
     create_session,
@@ -40,7 +41,6 @@ from mar_rt.export.ort import (
     ort_providers,
 )
 from mar_rt.runtime.backends.base import Backend
-from mar_rt.runtime.graphs import GraphSpec
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class OnnxRuntimeBackend(Backend):
     ) -> OnnxRuntimeBackend:
         """The backend of ``graph`` of a loaded bundle; ONNX files and engine sets are read
         from ``artifacts`` (default: the bundle folder): ``onnx/`` and ``engines/``."""
-        from mar_rt.runtime.graphs import bundle_graph_specs
+        from mar_rt.export.graphs import bundle_graph_specs
 
         if options:
             log.debug("onnxruntime backend ignores options %s", sorted(options))

@@ -29,6 +29,7 @@ import torch
 
 from mar_rt.errors import BackendUnavailableError, EngineMismatchError
 from mar_rt.export.cache import find_engine_set
+from mar_rt.export.graphs import GraphSpec
 from mar_rt.export.onnx_export import ONNX_DIR
 from mar_rt.export.tensorrt import (
     EngineBuildError,
@@ -41,7 +42,6 @@ from mar_rt.export.tensorrt import (
 )
 from mar_rt.runtime.backends.base import Backend
 from mar_rt.runtime.backends.onnxruntime_backend import ENGINES_DIR, onnx_sha256_map
-from mar_rt.runtime.graphs import GraphSpec
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class TensorRTBackend(Backend):
     ) -> TensorRTBackend:
         """The backend of ``graph``; engine sets and ONNX manifest come from ``artifacts``
         (default: the bundle folder)."""
-        from mar_rt.runtime.graphs import bundle_graph_specs
+        from mar_rt.export.graphs import bundle_graph_specs
 
         if options:
             log.debug("tensorrt backend ignores options %s", sorted(options))

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from mar_rt.errors import BackendUnavailableError
+from mar_rt.export.graphs import GraphSpec, bundle_graph_module, bundle_graph_specs
 from mar_rt.runtime.backends.base import Backend
-from mar_rt.runtime.graphs import GraphSpec, bundle_graph_module, bundle_graph_specs
 
 log = logging.getLogger(__name__)
 
