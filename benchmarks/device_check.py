@@ -6,8 +6,10 @@ Runs with the machine's own ``python3`` and the repository on PYTHONPATH (no ven
 
 and writes ``$OUT/device_check.log`` and ``$OUT/device_check.json`` (rewritten after every
 section, so a killed run still leaves what it measured).  Needs torch, numpy and — for the GPU
-sections — CuPy and a CUDA device; the host-build sections need nvcc.  Nothing here imports
-open_clip.  Without CUDA every GPU section records ``skipped: no CUDA``.
+sections — CuPy and a CUDA device; the host-build sections need nvcc.  The kernel sections
+import nothing else; ``pipeline``, ``gpu_tests`` and ``train_gpu`` build DuDoCLIP, which needs
+open_clip (``open_clip_torch``), and record an ImportError where it is missing.  Without CUDA
+every GPU section records ``skipped: no CUDA``.
 
 Sections (each a function with its own time budget; an error is recorded, never fatal):
 
@@ -20,7 +22,8 @@ Sections (each a function with its own time budget; an error is recorded, never 
     kernel_variants forward / gather back-projection per compile-time switch, block sizes
     sde_step       the fused SDE update against torch's three-op update
     unet_step      U-Net step fp32 / fp16 / CUDA graph      (if mar_rt.models.unet imports)
-    pipeline       full DuDoCROP latency                     (if mar_rt.runtime.pipeline imports)
+    pipeline       full DuDoCROP latency per stage: the demo bundle, untrained tiny and paper
+                   bundles at 416² (the per-stage timings ``test_pipeline_gpu`` used to print)
     gpu_tests      pytest -m gpu, one run per file of GPU_TEST_FILES
     train_gpu      ``train_bundle`` on CUDA: smoke preset, then tiny-gpu under a time budget
 """
@@ -213,8 +216,8 @@ def gpu_parity(budget: Budget) -> dict:
 
     from mar_rt.ct import mar as ref_mar
     from mar_rt.ct import projector as ref
-    from mar_rt.ct.fbp import filter_sinogram
     from mar_rt.ct.geometry import FanBeamGeometry
+    from mar_rt.ct.ramp import filter_sinogram
     from mar_rt.kernels import build, gpu
     from mar_rt.runtime import osro
 
@@ -401,7 +404,7 @@ def kernel_variants(budget: Budget, repeats: int) -> dict:
         return {"forward": forward, "back_gather": gather}
 
     def module_for(defines: tuple[str, ...]) -> Any:
-        opts = (*gpu.NVRTC_OPTIONS, *(f"-D{d}" for d in defines))
+        opts = (*build.NVRTC_OPTIONS, *(f"-D{d}" for d in defines))
         module = cp.RawModule(code=build.device_source("projector.cu"), options=opts)
         module.compile()
         return module
@@ -641,6 +644,7 @@ def pipeline(
                 pipe = DuDoCROPPipeline.from_bundle(
                     path, backend="torch", device=device, precision=precision
                 )
+                rec["operators"] = pipe.operators.name
                 for steps in step_list:
                     if not budget.ok(15):
                         rec["truncated"] = True
@@ -780,6 +784,7 @@ GPU_TEST_FILES = (
     "tests/ct/test_projector.py",
     "tests/ct/test_mar.py",
     "tests/runtime/test_sampler.py",
+    "tests/runtime/test_operators.py",
     "tests/runtime/test_pipeline_gpu.py",
 )
 

@@ -1,12 +1,15 @@
 """The pipeline on CUDA (skipped without a GPU): determinism, agreement with the CPU where no
-noise is drawn, the two-stream DAPG path, fp16, and a per-stage timing print at 416²."""
+noise is drawn, the two-stream DAPG path, and fp16 against fp32.
+
+Per-stage timings at 416² are measured by ``benchmarks/device_check.py`` (section
+``pipeline``), not here: a test asserts, a benchmark measures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mar_rt.runtime.demo import make_untrained_bundle
+from mar_rt.ct import metrics
 from mar_rt.runtime.pipeline import DuDoCROPPipeline
 from tests.runtime._runtime_bundles import micro_bundle
 from tests.runtime.test_pipeline import _slice
@@ -69,27 +72,18 @@ def test_cuda_nmar_reversion_targets_match_cpu(bundle):
         torch.testing.assert_close(cuda[k], cpu[k], rtol=1e-3, atol=2e-4, msg=k)
 
 
-def test_cuda_fp16_backend_runs(bundle):
-    with DuDoCROPPipeline.from_bundle(bundle, device="cuda", precision="fp16") as pipe:
-        out = pipe(_slice().cuda(), steps=2, seed=0)
-        assert torch.isfinite(out.output).all()
-        print("fp16 reruns:", out.qa.slices[0].fp32_reruns)
-
-
-def test_cuda_timings_tiny_416(tmp_path_factory, capsys):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    folder = tmp_path_factory.getbasetemp() / "tiny-416"
-    make_untrained_bundle(folder, config="tiny")
-    x = torch.nn.functional.interpolate(_slice()[None, None], size=(416, 416), mode="bilinear")
-    x = x[0, 0].cuda()
-    with DuDoCROPPipeline.from_bundle(folder, device="cuda") as pipe:
-        pipe(x, steps=2, seed=0)  # warm-up: projector tables, cuDNN plans
-        for steps in (10, 50):
-            out = pipe(x, steps=steps, seed=0)
-            t = {k: round(v, 3) for k, v in out.timings.items()}
-            with capsys.disabled():
-                print(
-                    f"\n[tiny 416² CUDA, {steps} steps, operators {pipe.operators.name}] "
-                    f"{torch.cuda.get_device_name()}: {t}"
-                )
+def test_cuda_fp16_matches_fp32(bundle):
+    """fp16 (autocast) against the fp32 pipeline, same seed, same noise: the outputs differ
+    (fp16 did run) by far less than any correction (≥ 50 dB apart; untrained tiny and paper
+    bundles measured 71–75 dB, RESULTS run 4), and no stage fell back to fp32."""
+    x = _slice().cuda()
+    outputs = {}
+    for precision in ("fp32", "fp16"):
+        with DuDoCROPPipeline.from_bundle(bundle, device="cuda", precision=precision) as pipe:
+            out = pipe(x, steps=2, seed=0)
+            assert out.qa.slices[0].fp32_reruns == (), out.qa.slices[0].fp32_reruns
+            outputs[precision] = out.output.cpu()
+    assert not torch.equal(outputs["fp16"], outputs["fp32"])
+    assert not torch.allclose(outputs["fp32"], x.cpu(), atol=1e-4)  # the pipeline did correct
+    between = float(metrics.psnr(outputs["fp16"], outputs["fp32"]))
+    assert between >= 50.0, between
