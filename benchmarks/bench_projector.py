@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mar_rt.ct.fbp import filter_sinogram
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.projector import Projector
+from mar_rt.ct.ramp import filter_sinogram
 
 SDL_GT = Path(__file__).resolve().parents[1].parent / "shared/data/syndeeplesion/train"
 SDL_GT = SDL_GT / "000129_03_01/115/gt.h5"

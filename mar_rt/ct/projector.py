@@ -32,8 +32,9 @@ import torch
 
 from mar_rt.ct import _joseph, _tables
 from mar_rt.ct._checks import FLOAT_DTYPES, check_operand
-from mar_rt.ct.fbp import backprojection_entries, check_filter, filter_sinogram
+from mar_rt.ct._pixel_driven import backprojection_entries
 from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.ramp import check_filter, filter_sinogram
 
 DEFAULT_TABLE_BYTES = 3 * 2**29  # 1.5 GiB of cached tables per Projector
 

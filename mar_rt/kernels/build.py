@@ -48,6 +48,7 @@ HOST_FLAGS = (
     "-lgomp",
 )
 CUBIN_ARCHS = ("sm_80", "sm_90")
+NVRTC_OPTIONS = ("-std=c++17",)  # what gpu.py passes to cupy.RawModule
 SLICES_PER_THREAD = (1, 2, 4, 8)  # the NB instantiations of the batched kernels
 COMPILE_TIMEOUT_S = 600
 
@@ -297,9 +298,9 @@ def find_nvrtc() -> Path | None:
 def compile_nvrtc(
     arch: str = "compute_90", library: Path | None = None, defines: tuple[str, ...] = ()
 ) -> dict[str, int]:
-    """Compile every :func:`device_source` with libnvrtc (options as :mod:`mar_rt.kernels.gpu`
-    passes to ``cupy.RawModule``, plus ``-D`` ``defines``) to PTX; needs no GPU.  Returns the
-    PTX size per source.
+    """Compile every :func:`device_source` with libnvrtc (``NVRTC_OPTIONS``, as
+    :mod:`mar_rt.kernels.gpu` passes to ``cupy.RawModule``, plus ``-D`` ``defines``) to PTX;
+    needs no GPU.  Returns the PTX size per source.
 
     Raises:
         BackendUnavailableError: libnvrtc is missing, or a source does not compile (with the log).
@@ -311,8 +312,6 @@ def nvrtc_ptx(
     name: str, arch: str = "compute_90", library: Path | None = None, defines: tuple[str, ...] = ()
 ) -> bytes:
     """The PTX libnvrtc makes of one :func:`device_source` (``defines``: e.g. ``"MR_NO_LDG"``)."""
-    from mar_rt.kernels.gpu import NVRTC_OPTIONS
-
     path = library or find_nvrtc()
     if path is None:
         raise BackendUnavailableError("libnvrtc not found: cannot run the NVRTC compile check")

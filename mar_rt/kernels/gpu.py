@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mar_rt.ct.fbp import check_filter, padded_length, ramp_response
 from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.ramp import check_filter, padded_length, ramp_response
 from mar_rt.errors import BackendUnavailableError, BadInputError
 from mar_rt.kernels import build
 from mar_rt.kernels._arrays import (
@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 BLOCK = 256
-NVRTC_OPTIONS = ("-std=c++17",)
 Array = Any  # cupy.ndarray | torch.Tensor (CUDA)
 
 
@@ -91,7 +90,7 @@ def _module(source: str, device_id: int) -> Any:
     cp = _cupy()
     with cp.cuda.Device(device_id):
         try:
-            module = cp.RawModule(code=build.device_source(source), options=NVRTC_OPTIONS)
+            module = cp.RawModule(code=build.device_source(source), options=build.NVRTC_OPTIONS)
             module.compile()
         except Exception as exc:  # cupy.cuda.compiler.CompileException and driver errors
             raise BackendUnavailableError(f"NVRTC build of {source} failed: {exc}") from exc
@@ -454,7 +453,7 @@ class GpuProjector:
 
 @functools.lru_cache(maxsize=16)
 def _ramp_response(n_det: int, spacing: float, filter: str, device_id: int) -> Any:
-    """The filter's frequency response (``mar_rt.ct.fbp.ramp_response``) as a float32 CuPy
+    """The filter's frequency response (``mar_rt.ct.ramp.ramp_response``) as a float32 CuPy
     array on one device, built once per (size, spacing, filter)."""
     cp = _cupy()
     with cp.cuda.Device(device_id):

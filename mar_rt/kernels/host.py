@@ -23,8 +23,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mar_rt.ct.fbp import check_filter, padded_length, ramp_response
 from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.ramp import check_filter, padded_length, ramp_response
 from mar_rt.errors import BadInputError
 from mar_rt.kernels import build
 from mar_rt.kernels._arrays import (

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from mar_rt.ct.fbp import FILTERS, fbp, filter_sinogram, padded_length, ramp_response
+from mar_rt.ct.fbp import fbp
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.projector import Projector
+from mar_rt.ct.ramp import FILTERS, filter_sinogram, padded_length, ramp_response
 
 MU_WATER = 0.192  # cm⁻¹, DESIGN §3
 

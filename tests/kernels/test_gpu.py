@@ -9,8 +9,8 @@ import torch
 
 from mar_rt.ct import mar as ref_mar
 from mar_rt.ct import projector as ref
-from mar_rt.ct.fbp import filter_sinogram
 from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.ramp import filter_sinogram
 from mar_rt.runtime import osro
 from tests.kernels._util import phantom, rel_error
 

@@ -9,8 +9,8 @@ import torch
 
 from mar_rt.ct import projector as ref_projector
 from mar_rt.ct.fbp import fbp as ref_fbp
-from mar_rt.ct.fbp import filter_sinogram
 from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.ramp import filter_sinogram
 from mar_rt.ct.units import mu_to_hu
 from tests.kernels._util import phantom, rel_error
 
