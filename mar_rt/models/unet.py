@@ -11,7 +11,7 @@ Shapes (B batch, H×W image, D = ``context_dim``, L = ``len(ch_mult)`` levels):
 
 Layout (the reference network at ``paper()``: nf 64, ch_mult (1, 2, 4, 8), context 512):
 
-    [x_t − μ, μ] → reflect-pad to a multiple of 2^(L−1) → conv7
+    [x_t − μ, μ] → reflect-pad (bottom/right) to a multiple of ``size_multiple`` → conv7
     down level i (channels nf·m_i, m = (1,) + ch_mult): num_res_blocks ResBlocks, attention,
         then a stride-2 conv to nf·m_{i+1} (the deepest level keeps its resolution, conv3)
     middle: ResBlock, self+cross transformer, ResBlock (nf·ch_mult[−1] channels)
@@ -21,6 +21,15 @@ Layout (the reference network at ``paper()``: nf 64, ch_mult (1, 2, 4, 8), conte
 Attention: linear attention (Residual(PreNorm(·))) at every level not in
 ``transformer_levels``; a transformer block (self-attention, cross-attention, GEGLU
 feed-forward) at the levels in ``transformer_levels`` (default: the deepest) and in the middle.
+
+Reference structure (DESIGN §7.2, ``Algolzw/daclip-uir`` ``DenoisingUNet_arch.py``): the
+reference wraps every attention block, the transformers included, as Residual(PreNorm(·)),
+i.e. x + T(LN_g(x)) with a gain-only channel LayerNorm, on top of the transformer's own
+residual; and it pads to a multiple of 2^L (its ``check_image_size``), not 2^(L−1).
+``UNetConfig.transformer_prenorm`` and ``UNetConfig.reference_padding`` switch these on
+(``paper()`` and networks loaded by ``ConditionalUNet.from_irsde_checkpoint``); both default to
+off, which is the structure of the tiny presets and of every bundle written before they
+existed (a bundle.json without the keys loads as before).
 
 Conditioning (why ``cond`` exists): cross-attention to a single context token c has one key, so
 its softmax weight is 1 for every query and the output is to_out(to_v(c)) at every position,
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +67,13 @@ class UNetConfig:
     the output (0: off): with s = 1/λ the network only learns ε̂ − (x_t − μ)/λ, so the
     noise in x_t cancels exactly in x̂₀ = μ + (x_t − μ − σ̄_tε̂)e^{θ̄_tΔ} instead of through
     learned weights (where e^{θ̄_tΔ} = 1/eps amplifies every error in them).
+
+    ``transformer_prenorm`` wraps each transformer block T as x + T(LN_g(x)) (a gain-only
+    LayerNorm over channels), as the reference's ``Residual(PreNorm(dim, T))``.
+    ``reference_padding`` pads inputs to a multiple of 2^L as the reference's
+    ``check_image_size`` does; off, to 2^(L−1), the least the L−1 downsamplings need.  Both
+    default to off (the structure of bundles written before they existed); ``paper()`` turns
+    them on.
     """
 
     in_channels: int = 1
@@ -75,6 +92,8 @@ class UNetConfig:
     ff_mult: int = 4
     norm_groups: int = 32
     noise_skip: float = 0.0
+    transformer_prenorm: bool = False
+    reference_padding: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -89,6 +108,9 @@ class UNetConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"UNetConfig: {name} must be a positive integer, got {value!r}")
+        for name in ("transformer_prenorm", "reference_padding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"UNetConfig: {name} must be a bool, got {getattr(self, name)!r}")
         if self.time_sin_dim < 4 or self.time_sin_dim % 2:
             raise ValueError(
                 f"UNetConfig: time_sin_dim must be even and ≥ 4, got {self.time_sin_dim}"
@@ -116,8 +138,10 @@ class UNetConfig:
 
     @property
     def size_multiple(self) -> int:
-        """Total downsampling factor 2^(L−1); inputs are reflect-padded to a multiple of it."""
-        return 2 ** (self.levels - 1)
+        """Inputs are reflect-padded (bottom/right) to a multiple of this: 2^L with
+        ``reference_padding`` (the reference's ``check_image_size``), else 2^(L−1), the total
+        downsampling factor."""
+        return 2 ** (self.levels if self.reference_padding else self.levels - 1)
 
     def level_channels(self, i: int) -> int:
         """Channels entering level i (i = L gives the middle): nf·((1,) + ch_mult)[i]."""
@@ -147,6 +171,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        """Rebuild from ``to_dict``; keys added later (``transformer_prenorm``,
+        ``reference_padding``) take their defaults, the structure older bundles were written
+        with."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -178,8 +205,9 @@ class UNetConfig:
 
     @classmethod
     def paper(cls, context_dim: int = 512) -> UNetConfig:
-        """The reference network (DA-CLIP / DuDoCROP): nf 64, ch_mult (1, 2, 4, 8), context 512."""
-        return cls(context_dim=context_dim)
+        """The reference network (DA-CLIP / DuDoCROP): nf 64, ch_mult (1, 2, 4, 8), context 512,
+        with the reference's attention wrapping and padding (DESIGN §7.2)."""
+        return cls(context_dim=context_dim, transformer_prenorm=True, reference_padding=True)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -274,6 +302,8 @@ class CrossAttentionBias(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm → 1×1 → [self-attention, + cross-attention bias, GEGLU FF] → 1×1 (zero) → + x.
 
+    With ``cfg.transformer_prenorm`` the block is the reference's Residual(PreNorm(·)) around
+    that: y = LN_g(x) (``prenorm``), out = x + (y + proj_out(…(y))).
     ``cond_slice`` is the (start, stop) of this block's cross-attention bias inside ``cond``.
     """
 
@@ -281,6 +311,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.heads = channels // cfg.attn_head_dim
         self.cond_slice = cond_slice
+        self.prenorm = ChannelLayerNorm(channels) if cfg.transformer_prenorm else None
         self.norm = nn.GroupNorm(min(cfg.norm_groups, channels), channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.norm1 = nn.LayerNorm(channels)
@@ -296,6 +327,11 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.prenorm is None:
+            return self._block(x, cond)
+        return x + self._block(self.prenorm(x), cond)
+
+    def _block(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (b, n, c)
         qkv = self.to_qkv(self.norm1(tokens)).reshape(b, h * w, 3, self.heads, c // self.heads)
@@ -384,6 +420,26 @@ class ConditionalUNet(nn.Module):
 
         self.final_block = ResBlock(2 * nf, nf, td)
         self.final_conv = nn.Conv2d(nf, cfg.out_channels, 3, padding=1)
+
+    @classmethod
+    def from_irsde_checkpoint(
+        cls, path: str | os.PathLike[str], **overrides: Any
+    ) -> ConditionalUNet:
+        """The reference IR-SDE / DA-CLIP U-Net saved at ``path``, built from the file alone.
+
+        ``path`` is a torch checkpoint (read with ``weights_only=True``; a plain state dict as
+        the IR-SDE trainer's ``save_network`` writes, or one under ``state_dict`` / ``params``,
+        with or without ``module.`` prefixes).  The config (nf, ch_mult, context dim, in/out
+        channels, prompt and time widths, transformer levels, attention wrapping) is read from
+        tensor shapes and names; ``overrides`` set any ``UNetConfig`` field (for what shapes
+        cannot tell: ``attn_head_dim`` 32, ``linear_attn_heads`` 4, ``norm_groups`` 32,
+        ``reference_padding`` True by default).  A file that does not fit raises
+        ``BundleError`` naming the first offending tensor.  Key mapping:
+        ``mar_rt.models.reference``.
+        """
+        from mar_rt.models.reference import load_irsde_unet
+
+        return load_irsde_unet(path, **overrides)
 
     # ---------------------------------------------------------------- conditioning
 

@@ -133,17 +133,18 @@ def test_config_dict_round_trip_and_validation():
         UNetConfig(transformer_levels=(4,))
     with pytest.raises(ValueError, match="unknown keys"):
         UNetConfig.from_dict({"nf": 8, "depth": 3})
-    assert UNetConfig.paper().size_multiple == 8
+    assert UNetConfig.paper().size_multiple == 16  # the reference's check_image_size: 2^L
+    assert UNetConfig.tiny().size_multiple == 8  # 2^(L−1), as bundles before the option
 
 
 def test_paper_parameter_count_matches_reference():
     """DESIGN §7.2: the reference 3-channel network has 49 M parameters.  Ours differs only by
-    the 3→1 channel input/output convs, the cross-attention to_q/to_k/LayerNorm (which cannot
-    change the output with one context token) and the PreNorm gain around each transformer."""
+    the 3→1 channel input/output convs and the cross-attention to_q/to_k/LayerNorm (which cannot
+    change the output with one context token)."""
     cfg = UNetConfig.paper()
     ours = sum(p.numel() for p in ConditionalUNet(cfg).parameters())
     widths = [w for name, w in cfg.cond_layout if name != "time"]
-    dead = sum(w * w + cfg.context_dim * w + 2 * w + w for w in widths)
+    dead = sum(w * w + cfg.context_dim * w + 2 * w for w in widths)
     io = (6 - 2) * cfg.nf * 49 + (3 - 1) * (cfg.nf * 9 + 1)
     assert (ours + dead + io) / 49e6 == pytest.approx(1.0, abs=0.005)
 
