@@ -10,6 +10,13 @@ and drives the loop with preallocated buffers, an in-place affine update and noi
 seeded ``torch.Generator`` per loop on the loop's device. Nothing inside the loop reads a
 value back to the host, so on CUDA the loop is a stream of kernel launches.
 
+Samplers (``PipelineConfig.sampler``, DESIGN §7.3): both are the same affine loop
+(``sample_posterior``) over different precomputed coefficients (``step_coefficients``):
+
+    posterior   a, b, c of the posterior q(x_{t−1} | x_t, x̂₀); the last step returns x̂₀
+    euler       Euler–Maruyama on the reverse SDE dx = [θ_t(μ − x) − σ_t² score]dt + σ_t dw̄,
+                score = −ε̂/σ̄_t:  a = 1 + θ_tΔ, b = σ_t²Δ/σ̄_t, c = σ_t√Δ (every step noisy)
+
 Notation (DESIGN.md §7.3; ``mar_rt.models.sde``):
 
     μ            ``mu``    the image the SDE reverts to (network scale)
@@ -29,11 +36,13 @@ from mar_rt.export.graphs import cond_graph, step_graph
 from mar_rt.models.sde import (
     SDEConfig,
     StepCoefficients,
+    euler_maruyama_coefficients,
     make_schedule,
     posterior_coefficients,
     sample_posterior,
 )
 from mar_rt.runtime.backends.base import Backend
+from mar_rt.runtime.config import SAMPLERS
 
 DOMAIN_SEED_OFFSETS = {"image": 1_000_003, "sinogram": 2_000_003, "residual": 3_000_017}
 """Fixed per-domain offsets added to the pipeline seed: one independent generator per loop."""
@@ -47,6 +56,17 @@ def loop_generator(seed: int, domain: str, device: torch.device | str) -> torch.
     gen = torch.Generator(device=torch.device(device))
     gen.manual_seed(int(seed) + DOMAIN_SEED_OFFSETS[domain])
     return gen
+
+
+def step_coefficients(sde: SDEConfig, steps: int, sampler: str = "posterior") -> StepCoefficients:
+    """The S = ``steps`` per-step scalars (a, b, c, t_in) of ``sampler`` (``SAMPLERS``) for the
+    bundle's SDE; S ≠ T rebuilds the schedule with S steps and feeds the network t·T/S."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    schedule = make_schedule(sde)
+    if sampler == "euler":
+        return euler_maruyama_coefficients(schedule, steps)
+    return posterior_coefficients(schedule, steps)
 
 
 def affine_step_(
@@ -91,8 +111,9 @@ class DomainSampler:
         graphs: graph name → active ``Backend``; needs ``unet_<domain>_cond`` and ``_step``.
         domain: ``"image"``, ``"sinogram"`` or ``"residual"``.
         sde: the bundle's SDE config (training T, λ, schedule).
-        steps: S sampling steps (posterior sampler, DESIGN §7.3).
+        steps: S sampling steps (DESIGN §7.3).
         step_fn: optional fused update with ``affine_step_``'s signature (e.g. a CUDA kernel).
+        sampler: ``"posterior"`` (default) or ``"euler"`` (``step_coefficients``).
     """
 
     def __init__(
@@ -103,13 +124,15 @@ class DomainSampler:
         *,
         steps: int,
         step_fn: Callable[..., torch.Tensor] | None = None,
+        sampler: str = "posterior",
     ) -> None:
         self.domain = domain
         self.cond_backend = graphs[cond_graph(domain)]
         self.step_backend = graphs[step_graph(domain)]
         self.sde = sde
         self.steps = int(steps)
-        self.coeffs: StepCoefficients = posterior_coefficients(make_schedule(sde), self.steps)
+        self.sampler = sampler
+        self.coeffs: StepCoefficients = step_coefficients(sde, self.steps, sampler)
         self.lam = sde.lam
         self._step_fn = affine_step_ if step_fn is None else step_fn
         self._buffers: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -136,7 +159,7 @@ class DomainSampler:
         generator: torch.Generator,
         progress: ProgressFn | None = None,
     ) -> torch.Tensor:
-        """Run the loop from x_T = μ + λz to x̂₀.
+        """Run the loop from x_T = μ + λz to x_0 (x̂₀ for the posterior sampler).
 
         Args:
             mu: (B, 1, H, W) float32, network scale, on the backend's device.

@@ -11,6 +11,7 @@ import torch
 from mar_rt.export.graphs import cond_graph, graph_specs, step_graph
 from mar_rt.models.sde import SDEConfig, make_schedule, posterior_coefficients
 from mar_rt.runtime.backends.base import Backend
+from mar_rt.runtime.config import PipelineConfig
 from mar_rt.runtime.sampler import (
     DOMAIN_SEED_OFFSETS,
     DomainSampler,
@@ -101,6 +102,77 @@ def test_oracle_noise_returns_the_target(steps, max_sigma):
     out = sampler.sample(mu, cond, generator=loop_generator(3, "image", "cpu"))
     assert out.shape == x0.shape
     assert float((out - x0).abs().max()) <= 1e-5
+
+
+class SmoothStep(Backend):
+    """ε̂ = 0.3·tanh(x_t − μ) + 0.002·t: a smooth, time-dependent stand-in for a network."""
+
+    def _activate_impl(self):
+        pass
+
+    def _deactivate_impl(self):
+        pass
+
+    def _infer_impl(self, inputs, outputs):
+        t = inputs["t"].reshape(-1, 1, 1, 1)
+        outputs["eps"].copy_(0.3 * torch.tanh(inputs["x_t"] - inputs["mu"]) + 0.002 * t)
+
+
+def _design_schedule(T: int, max_sigma: float, eps: float = 0.005):
+    """DESIGN §7.3 in float64, written out here: cosine θ_0..θ_T, θ̄_t, Δ, σ_t, σ̄_t, λ."""
+    n = T + 2
+    x = np.arange(n + 1, dtype=np.float64)
+    alpha_bar = np.cos(((x / n) + 0.008) / 1.008 * np.pi / 2) ** 2
+    theta = 1.0 - (alpha_bar / alpha_bar[0])[1:-1]
+    theta_bar = np.concatenate([[0.0], np.cumsum(theta[1:])])  # Σ_{i=1..t} θ_i
+    delta = -np.log(eps) / theta_bar[T]
+    lam = max_sigma / 255.0
+    sigma = np.sqrt(2.0 * lam**2 * theta)
+    sigma_bar = lam * np.sqrt(1.0 - np.exp(-2.0 * theta_bar * delta))
+    return theta, theta_bar, delta, sigma, sigma_bar, lam
+
+
+@pytest.mark.parametrize("steps", [1, 5, 20])
+def test_euler_sampler_matches_a_float64_reference_loop(steps):
+    """``sampler="euler"``: x_T = μ + λz, then for t = S..1
+    x_{t−1} = x_t − [θ_t(μ − x_t) − σ_t² s]Δ + σ_t√Δ z with s = −ε̂/σ̄_t (Euler–Maruyama on the
+    reverse SDE of DESIGN §7.3, S steps: the schedule rebuilt with T = S, the network fed
+    t·T/S), in float64 with the same ε̂ function and the same seeded draws."""
+    cfg = SDEConfig(T=100, max_sigma=30.0)
+    _, mu = _images(seed=4)
+    specs = _specs()
+    graphs = {
+        cond_graph("image"): ZeroCond(specs[cond_graph("image")]).activate(),
+        step_graph("image"): SmoothStep(specs[step_graph("image")]).activate(),
+    }
+    sampler = DomainSampler(graphs, "image", cfg, steps=steps, sampler="euler")
+    out = sampler.sample(mu, torch.zeros(2, C), generator=loop_generator(9, "image", "cpu"))
+
+    theta, theta_bar, delta, sigma, sigma_bar, lam = _design_schedule(steps, cfg.max_sigma)
+    gen = loop_generator(9, "image", "cpu")
+    m = mu.double()
+    x = m + lam * torch.randn(mu.shape, generator=gen).double()
+    for t in range(steps, 0, -1):
+        eps_hat = 0.3 * torch.tanh(x - m) + 0.002 * (t * cfg.T / steps)
+        score = -eps_hat / sigma_bar[t]
+        z = torch.randn(mu.shape, generator=gen).double()
+        x = x - (theta[t] * (m - x) - sigma[t] ** 2 * score) * delta + sigma[t] * delta**0.5 * z
+    # float32 against float64: the loop multiplies x − μ by up to 1/eps = 200 over its steps
+    err = float((out.double() - x).abs().max())
+    assert err <= 1e-6 * float(x.abs().max()), (err, float(x.abs().max()))
+    posterior = DomainSampler(graphs, "image", cfg, steps=steps)
+    other = posterior.sample(mu, torch.zeros(2, C), generator=loop_generator(9, "image", "cpu"))
+    assert float((other - out).abs().max()) > 1e-3  # the choice does change the loop
+
+
+def test_sampler_names_are_validated():
+    assert PipelineConfig().sampler == "posterior"
+    assert PipelineConfig(sampler="euler").to_dict()["sampler"] == "euler"
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        PipelineConfig(sampler="ddim")
+    graphs, _ = _graphs("image", _images()[0], SDEConfig(T=10), 2)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        DomainSampler(graphs, "image", SDEConfig(T=10), steps=2, sampler="heun")
 
 
 def test_times_fed_per_step_match_the_schedule():
