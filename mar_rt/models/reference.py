@@ -33,7 +33,6 @@ reference padding (``check_image_size``); override them by name.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -43,7 +42,7 @@ from typing import Any
 
 import torch
 
-from mar_rt.errors import BundleError
+from mar_rt.errors import BadInputError, BundleError
 
 __all__ = [
     "IRSDE_IGNORED_SUFFIXES",
@@ -53,6 +52,8 @@ __all__ = [
     "mar_rt_to_irsde",
     "load_irsde_unet",
     "read_reference_options",
+    "sde_fields_from_options",
+    "sample_steps_from_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -389,9 +390,9 @@ def read_reference_options(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise BundleError(f"{path}: cannot read the option file: {exc}") from exc
+        raise BadInputError(f"{path}: cannot read the option file: {exc}") from exc
     if not isinstance(data, dict):
-        raise BundleError(f"{path}: the option file is not a YAML mapping")
+        raise BadInputError(f"{path}: the option file is not a YAML mapping")
     return data
 
 
@@ -399,21 +400,22 @@ def _finite(value: Any, name: str, where: str) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise BundleError(f"{where}: sde.{name} must be a number, got {value!r}") from None
+        raise BadInputError(f"{where}: sde.{name} must be a number, got {value!r}") from None
     if not math.isfinite(v):
-        raise BundleError(f"{where}: sde.{name} must be finite, got {value!r}")
+        raise BadInputError(f"{where}: sde.{name} must be finite, got {value!r}")
     return v
 
 
 def sde_fields_from_options(options: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     """``SDEConfig`` fields from an option mapping's ``sde:`` block (max_sigma, T, schedule,
-    eps; the reference's defaults T 100, cosine, eps 0.01 where a key is absent)."""
+    eps; the reference's defaults T 100, cosine, eps 0.01 where a key is absent).  Other keys
+    of the block (``sample_T``) are read by :func:`sample_steps_from_options`."""
     sde = options.get("sde")
     if not isinstance(sde, Mapping) or "max_sigma" not in sde:
-        raise BundleError(f"{where}: no 'sde:' block with max_sigma")
+        raise BadInputError(f"{where}: no 'sde:' block with max_sigma")
     t = sde.get("T", 100)
     if isinstance(t, bool) or not isinstance(t, int):
-        raise BundleError(f"{where}: sde.T must be an integer, got {t!r}")
+        raise BadInputError(f"{where}: sde.T must be an integer, got {t!r}")
     return {
         "T": t,
         "max_sigma": _finite(sde["max_sigma"], "max_sigma", where),
@@ -422,9 +424,10 @@ def sde_fields_from_options(options: Mapping[str, Any], *, where: str) -> dict[s
     }
 
 
-def replace_config(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` that reports a bad field as a ``BundleError``."""
-    try:
-        return dataclasses.replace(cfg, **changes)
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"config: {exc}") from exc
+def sample_steps_from_options(options: Mapping[str, Any]) -> int | None:
+    """``sde.sample_T`` when the option file sets it (> 0), else None."""
+    sde = options.get("sde")
+    value = sde.get("sample_T") if isinstance(sde, Mapping) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None

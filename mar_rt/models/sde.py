@@ -7,7 +7,7 @@ schedule and coefficients are float64 numpy, the loop runs on whatever tensors i
 Notation (name in code → DESIGN symbol):
 
     T                 T          number of training steps; states t = 0..T, t = 0 is the clean image
-    lam               λ          stationary std, max_sigma / 255
+    lam               λ          stationary std: max_sigma / 255, or max_sigma itself below 1
     thetas[t]         θ_t        mean-reversion speed of step t, t = 0..T (θ_0 is never used)
     thetas_cumsum[t]  θ̄_t        Σ_{i=1..t} θ_i, so θ̄_0 = 0 (the reference subtracts θ_0)
     dt                Δ          −ln(eps) / θ̄_T, so that e^{−θ̄_T Δ} = eps
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -68,7 +69,8 @@ __all__ = [
 class SDEConfig:
     """IR-SDE hyper-parameters (saved in ``bundle.json`` under ``sde``).
 
-    ``max_sigma`` is on the 0–255 scale (λ = max_sigma / 255, images in [0, 1]).
+    ``max_sigma`` as the reference's ``IRSDE`` reads it (images in [0, 1]): a value ≥ 1 is on
+    the 0–255 scale (λ = max_sigma / 255), a value below 1 is λ itself.
     """
 
     T: int = 100
@@ -90,8 +92,9 @@ class SDEConfig:
 
     @property
     def lam(self) -> float:
-        """λ = max_sigma / 255, the stationary standard deviation."""
-        return self.max_sigma / 255.0
+        """λ, the stationary standard deviation: max_sigma / 255 when max_sigma ≥ 1, else
+        max_sigma (the reference ``IRSDE.__init__`` rule)."""
+        return self.max_sigma / 255.0 if self.max_sigma >= 1 else float(self.max_sigma)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,6 +106,21 @@ class SDEConfig:
         if unknown:
             raise ValueError(f"SDEConfig.from_dict: unknown keys {sorted(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def from_reference_options(cls, path: str | os.PathLike[str]) -> SDEConfig:
+        """The ``sde:`` block of a reference option YAML (DA-CLIP / IR-SDE ``options/*.yml``):
+        max_sigma, T, schedule, eps, with the reference's defaults (T 100, cosine, eps 0.01)
+        for absent keys.  An unreadable file or a bad value raises ``BadInputError`` naming
+        the file."""
+        from mar_rt.errors import BadInputError
+        from mar_rt.models.reference import read_reference_options, sde_fields_from_options
+
+        fields = sde_fields_from_options(read_reference_options(path), where=str(path))
+        try:
+            return cls(**fields)
+        except ValueError as exc:
+            raise BadInputError(f"{path}: {exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)

@@ -306,3 +306,56 @@ def test_posterior_loss_is_the_gap_between_conjugate_posterior_means(schedule):
     assert posterior_loss(z, x_t, x0, mu, t, sched).item() < 1e-12
     with pytest.raises(ValueError, match="1..4"):
         posterior_loss(z, x_t, x0, mu, 5, sched)
+
+
+# ---- the reference's option files ------------------------------------------------------------
+
+
+def test_max_sigma_below_one_is_lambda_itself():
+    """The reference IRSDE: max_sigma / 255 if max_sigma >= 1 else max_sigma."""
+    assert SDEConfig(max_sigma=50).lam == pytest.approx(50 / 255)
+    assert SDEConfig(max_sigma=1.0).lam == pytest.approx(1 / 255)
+    assert SDEConfig(max_sigma=0.2).lam == 0.2
+    s = make_schedule(SDEConfig(T=10, max_sigma=0.2))
+    # σ̄_T = λ√(1 − e^{−2θ̄_TΔ}) = λ√(1 − eps²) since e^{−θ̄_TΔ} = eps
+    assert s.sigma_bars[-1] == pytest.approx(0.2 * math.sqrt(1 - 0.005**2), rel=1e-9)
+
+
+DACLIP_TRAIN_YML = """\
+name: universal-ir
+model: denoising
+sde:
+  max_sigma: 50
+  T: 100
+  schedule: cosine # linear, cosine
+  eps: 0.005
+network_G:
+  which_model_G: ConditionalUNet
+  setting:
+    in_nc: 3
+    nf: 64
+"""
+
+
+def test_from_reference_options(tmp_path):
+    from mar_rt.errors import BadInputError
+
+    path = tmp_path / "train.yml"
+    path.write_text(DACLIP_TRAIN_YML)
+    assert SDEConfig.from_reference_options(path) == SDEConfig(
+        T=100, max_sigma=50.0, schedule="cosine", eps=0.005
+    )
+    path.write_text("sde:\n  max_sigma: 0.1\n")  # the reference's defaults for the rest
+    cfg = SDEConfig.from_reference_options(path)
+    assert cfg == SDEConfig(T=100, max_sigma=0.1, schedule="cosine", eps=0.01)
+    assert cfg.lam == 0.1
+    for bad, named in (
+        ("sde:\n  max_sigma: 10\n  schedule: sigmoid\n", "schedule"),
+        ("sde:\n  max_sigma: 10\n  T: 1.5\n", "sde.T"),
+        ("sde:\n  max_sigma: fifty\n", "max_sigma"),
+        ("network_G: {}\n", "no 'sde:' block"),
+        ("sde: [1, 2\n", "cannot read"),
+    ):
+        path.write_text(bad)
+        with pytest.raises(BadInputError, match=named):
+            SDEConfig.from_reference_options(path)
