@@ -22,9 +22,18 @@ deepest hint enters the frozen tower's first block.  The controller's own stream
 its hints.  With the zero init every h_i is 0, so at initialisation content_emb equals the plain
 ``clip.encode_image`` and, because the controller is an exact copy, artifact_emb equals it too.
 
-Preprocessing is tensor-only: (B, 1, H, W) in [0, 1] → bilinear resize to the tower size
-(``F.interpolate``, ``align_corners=False``, ``antialias=False``) → repeat to 3 channels →
-CLIP mean/std normalisation.  No PIL round trip, so the ONNX graph holds it too.
+Preprocessing (``DuDoCLIPConfig.preprocess``):
+
+    "tensor" (default)  (B, 1, H, W) in [0, 1] → bilinear resize to the tower size
+                        (``F.interpolate``, ``align_corners=False``, ``antialias=False``) →
+                        repeat to 3 channels → CLIP mean/std.  No PIL round trip, so the ONNX
+                        graph holds it all.
+    "daclip"            DA-CLIP's own transform, for checkpoints trained with it (the
+                        reference's ``clip_transform``): ⌊255·x⌋ as uint8 → PIL bicubic resize
+                        of the shorter side to S → centre crop S×S → /255 → CLIP mean/std.  The
+                        PIL part (:func:`daclip_pixels`) runs on the host before the network;
+                        the network graph then sees S×S pixels, whose tensor resize is the
+                        identity.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ __all__ = [
     "info_nce",
     "clip_loss",
     "resize_to_tower",
+    "daclip_pixels",
+    "PREPROCESS_MODES",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,6 +73,8 @@ log = logging.getLogger(__name__)
 # open_clip.constants.OPENAI_DATASET_MEAN / _STD (the CLIP normalisation, RGB)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+PREPROCESS_MODES = ("tensor", "daclip")
 
 ONNX_INPUT_NAMES = ("image",)
 ONNX_OUTPUT_NAMES = ("content_emb", "artifact_emb")
@@ -87,6 +100,9 @@ class DuDoCLIPConfig:
     vision_cfg:  open_clip ``CLIPVisionCfg`` fields (ViT only).
     text_cfg:    open_clip ``CLIPTextCfg`` fields.
     quick_gelu:  True for OpenAI-trained weights; False for LAION weights and DA-CLIP.
+    preprocess:  "tensor" (bilinear tensor resize, the default and the structure of bundles
+                 written before the option) or "daclip" (DA-CLIP's PIL bicubic resize and
+                 centre crop, on the host; see the module docstring).
     """
 
     embed_dim: int
@@ -94,6 +110,7 @@ class DuDoCLIPConfig:
     vision_cfg: dict[str, Any] = field(default_factory=dict)
     text_cfg: dict[str, Any] = field(default_factory=dict)
     quick_gelu: bool = False
+    preprocess: str = "tensor"
 
     def __post_init__(self) -> None:
         vision = copy.deepcopy(dict(self.vision_cfg))
@@ -121,6 +138,11 @@ class DuDoCLIPConfig:
                 )
         if vision.get("pool_type", "tok") not in ("tok", "avg"):
             raise ValueError(f"DuDoCLIPConfig: vision_cfg['pool_type']={vision['pool_type']!r}")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(
+                f"DuDoCLIPConfig: preprocess must be one of {PREPROCESS_MODES}, "
+                f"got {self.preprocess!r}"
+            )
         patch = vision.get("patch_size", 16)
         if self.image_size % patch:
             raise ValueError(
@@ -227,6 +249,55 @@ def resize_to_tower(image01: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
+def _center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of torchvision's ``CenterCrop(size)`` (offsets rounded)."""
+    left = int(round((width - size) / 2.0))
+    top = int(round((height - size) / 2.0))
+    return left, top, left + size, top + size
+
+
+def daclip_pixels(image01: torch.Tensor, size: int) -> torch.Tensor:
+    """DA-CLIP's host preprocessing (``clip_transform`` of its test code) of grey images.
+
+    (B, 1, H, W) in [0, 1] → (B, 1, S, S) float32 on the input's device, values k/255:
+
+    1. ⌊255·x⌋ as uint8 (the reference's ``astype(np.uint8)``; x is clipped to [0, 1] first);
+    2. PIL bicubic resize of the shorter side to S, the longer to ⌊S·long/short⌋
+       (torchvision ``Resize(S, BICUBIC)`` on a PIL image; PIL antialiases when shrinking and
+       rounds to uint8);
+    3. centre crop S×S (torchvision ``CenterCrop``) and /255 (``ToTensor``).
+
+    A grey image repeated to RGB resizes channel by channel, so one channel is computed.
+    Runs on the CPU with PIL: it cannot be traced into an ONNX graph.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if image01.ndim != 4 or image01.shape[1] != 1:
+        raise BadInputError(
+            f"daclip_pixels: image must be (B, 1, H, W), got {tuple(image01.shape)}"
+        )
+    h, w = int(image01.shape[-2]), int(image01.shape[-1])
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    box = _center_crop_box(new_w, new_h, size)
+    grey = image01.detach().to("cpu", torch.float64).clamp(0.0, 1.0)[:, 0].numpy()
+    out = []
+    for img in grey:
+        pil = Image.fromarray((img * 255.0).astype(np.uint8))
+        if (new_w, new_h) != (w, h):
+            pil = pil.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+        out.append(np.asarray(pil.crop(box), dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(out)[:, None]).to(image01.device)
+
+
+def _is_exporting() -> bool:
+    return bool(
+        torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    )
+
+
 class DuDoCLIP(nn.Module):
     """Frozen open_clip model + trainable controller; ``forward(image01) → (content, artifact)``.
 
@@ -279,9 +350,30 @@ class DuDoCLIP(nn.Module):
 
     # ---- image path -------------------------------------------------------------------------
 
+    def host_preprocess(self, image01: torch.Tensor) -> torch.Tensor:
+        """The host part of the preprocessing: ``daclip_pixels`` (→ (B, 1, S, S)) with
+        ``preprocess="daclip"``, else the input itself."""
+        if self.cfg.preprocess == "daclip":
+            return daclip_pixels(image01, self.cfg.image_size)
+        return image01
+
     def preprocess(self, image01: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) in [0, 1] → (B, 3, S, S) CLIP-normalised, S = ``cfg.image_size``."""
-        x = resize_to_tower(image01, self.cfg.image_size)
+        """(B, 1, H, W) in [0, 1] → (B, 3, S, S) CLIP-normalised, S = ``cfg.image_size``.
+
+        With ``preprocess="daclip"`` an input that is not S×S gets the host step
+        (:meth:`host_preprocess`) first; an S×S input is taken as its output.  Tracing a
+        "daclip" network with an input other than S×S is refused (the PIL step cannot be in
+        a graph: feed host-processed S×S pixels).
+        """
+        s = self.cfg.image_size
+        if self.cfg.preprocess == "daclip" and tuple(image01.shape[-2:]) != (s, s):
+            if _is_exporting():
+                raise BadInputError(
+                    f"DuDoCLIP preprocess='daclip': the graph input must be the host-processed "
+                    f"{s}×{s} pixels (daclip_pixels), got {tuple(image01.shape)}"
+                )
+            image01 = self.host_preprocess(image01)
+        x = resize_to_tower(image01, s)
         return (x.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
 
     def controller(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
