@@ -24,3 +24,12 @@ class BackendUnavailableError(MarRtError):
 
 class EngineMismatchError(MarRtError):
     """A built engine belongs to another GPU, TensorRT version, ONNX file or precision."""
+
+
+class OutputWriteError(MarRtError):
+    """Writing a result failed after the computation; ``kept`` is where the computed volume
+    was saved instead (a ``.npy``), or None when even that failed."""
+
+    def __init__(self, message: str, kept: object = None) -> None:
+        super().__init__(message)
+        self.kept = kept

@@ -1,11 +1,12 @@
 """`mar-rt run`: DuDoCROP on CT inputs (DICOM in → derived DICOM out; npy / NIfTI / h5 in →
-the same kind out), or the demo when no input is given."""
+the same kind out), or the demo when no input is given.  The work is
+:func:`mar_rt.runtime.study.run_study`; this module only parses options and prints."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -27,24 +28,6 @@ def _choose_backend(requested: str, device: str | None, bundle: Path) -> tuple[s
     choice = resolve_backend(requested, device=device, onnx_available=onnx)
     typer.echo(f"backend: {choice.backend} on {choice.device} ({choice.reason})")
     return choice.backend, choice.device
-
-
-def _open_pipeline(bundle: Path, backend: str, device: str) -> Any:
-    """The pipeline on ``backend``; a backend that cannot run this bundle falls back to torch.
-
-    That covers a missing library (BackendUnavailableError), a bundle without exported ONNX
-    (BundleError) and missing or foreign engines (EngineMismatchError).
-    """
-    from mar_rt.errors import BackendUnavailableError, BundleError, EngineMismatchError
-    from mar_rt.runtime.pipeline import DuDoCROPPipeline
-
-    try:
-        return DuDoCROPPipeline.from_bundle(bundle, backend=backend, device=device)
-    except (BackendUnavailableError, BundleError, EngineMismatchError) as exc:
-        if backend == "torch":
-            raise
-        typer.echo(f"backend {backend} failed ({exc}); falling back to torch on {device}")
-        return DuDoCROPPipeline.from_bundle(bundle, backend="torch", device=device)
 
 
 def _timings_table(timings: dict[str, float], n_slices: int) -> str:
@@ -96,116 +79,55 @@ def _run_demo(
     typer.echo(f"metrics: {result.metrics_json}")
 
 
-def _load_sinograms(path: Path, n: int) -> Any:
-    import numpy as np
-
-    from mar_rt.errors import BadInputError
-
-    try:
-        sino = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path}: not a readable .npy sinogram ({exc})") from exc
-    if sino.ndim == 2:
-        sino = sino[None]
-    if sino.ndim != 3 or sino.shape[0] != n:
-        raise BadInputError(f"{path}: expected {n} sinogram(s) (N, views, bins), got {sino.shape}")
-    return sino.astype(np.float32)
-
-
 def _run_inputs(
     inputs: list[Path],
     *,
     bundle: Path,
     backend: str,
-    device: str,
+    device: str | None,
     steps: int | None,
     seed: int,
     out: Path,
     units: str | None,
     sinogram: Path | None,
     skip_bad: bool,
-    save_intermediates: bool,
+    reinsert_metal: bool,
 ) -> None:
-    import dataclasses
-
-    import numpy as np
-
+    """Each INPUT through :func:`mar_rt.runtime.study.run_study`; print what was done."""
     from mar_rt.errors import BadInputError
-    from mar_rt.runtime.io import from_grid, read_study, to_grid, write_study
-    from mar_rt.runtime.io.common import atomic_file
-    from mar_rt.runtime.pipeline import slice_seed
-    from mar_rt.runtime.qa import QARecord
+    from mar_rt.runtime.study import open_pipeline, run_study
 
     if sinogram is not None and len(inputs) != 1:
         raise BadInputError("--sinogram goes with exactly one INPUT")
-    with _open_pipeline(bundle, backend, device) as pipe:
-        geometry, cfg = pipe.geometry, pipe.config
-        # read and check every input before anything is written
-        studies = []
+    with open_pipeline(bundle, backend=backend, device=device, notify=typer.echo) as pipe:
         for path in inputs:
+            bar = _StepBar(0, path.name)
             try:
-                study = read_study(path, units=units, skip_bad=skip_bad, geometry=geometry)
-            except ValueError as exc:  # BadInputError is a ValueError
-                raise BadInputError(str(exc)) from exc
-            for bad, why in study.skipped:
-                typer.echo(f"skipped {bad}: {why}")
-            if sinogram is not None:
-                study = dataclasses.replace(
-                    study,
-                    sinograms=_load_sinograms(sinogram, len(study)),
-                    sinogram_is_measured=True,
+                result = run_study(
+                    path,
+                    pipe,
+                    out,
+                    units=units,
+                    skip_bad=skip_bad,
+                    steps=steps,
+                    seed=seed,
+                    reinsert_metal=reinsert_metal,
+                    sinogram=sinogram,
+                    progress=bar,
                 )
-            grid_study, grid_map = to_grid(
-                study, geometry, resample=cfg.on_size_mismatch == "resample"
-            )
-            studies.append((path, study, grid_study, grid_map))
-
-        dapg_steps = steps or cfg.steps
-        n_steps = dapg_steps * 2 + (cfg.residual_steps_for(dapg_steps) if cfg.run_osro else 0)
-        for path, study, gs, grid_map in studies:
-            n = len(gs)
-            typer.echo(f"{path}: {n} slice(s), {gs.source_kind}, grid {gs.image_shape}")
-            outputs, records, inter = [], [], []
-            timings: dict[str, float] = {}
-            bar = _StepBar(n * n_steps, path.name)
-            try:
-                for start in range(0, n, cfg.batch_size):
-                    sl = slice(start, min(start + cfg.batch_size, n))
-                    res = pipe(
-                        gs.images[sl],
-                        sinogram=None if gs.sinograms is None else gs.sinograms[sl],
-                        sinogram_is_measured=gs.sinogram_is_measured,
-                        mask=None if gs.metal_masks is None else gs.metal_masks[sl],
-                        steps=steps,
-                        seed=slice_seed(seed, start),
-                        progress=bar,
-                        return_intermediates=save_intermediates,
-                    )
-                    outputs.append(res.output.cpu().numpy().reshape(-1, *gs.image_shape))
-                    records.append(res.qa)
-                    if save_intermediates:
-                        inter.append({k: v.cpu().numpy() for k, v in res.intermediates.items()})
-                    for k, v in res.timings.items():
-                        timings[k] = timings.get(k, 0.0) + v
             finally:
                 bar.close()
-            images = from_grid(np.concatenate(outputs), grid_map)
-            qa = QARecord.merge(records)
-            qa_dict = {
-                "input": str(path),
-                "slices_in": n,
-                "grid_resampled_from": list(grid_map.source_shape) if grid_map.resampled else None,
-                "timings_s": timings,
-                **qa.to_dict(),
-            }
-            folder = write_study(study, images, out, bundle_name=pipe.bundle_name, qa=qa_dict)
-            if save_intermediates:
-                arrays = {k: np.concatenate([d[k] for d in inter]) for k in inter[0]}
-                with atomic_file(folder / "intermediates.npz") as tmp:
-                    np.savez_compressed(tmp, **arrays)
-            typer.echo(_timings_table(timings, n))
-            typer.echo(qa.table())
-            typer.echo(f"wrote {folder}")
+            for bad, why in result.qa["skipped_files"]:
+                typer.echo(f"skipped {bad}: {why}")
+            qa = result.qa
+            typer.echo(
+                f"{path}: {result.n_slices} slice(s), {result.n_metal_slices} with metal "
+                f"corrected ({qa['route'].replace('_', '-')} route), "
+                f"{qa['slices_passed_through']} passed through unchanged"
+            )
+            if result.has_metal:
+                typer.echo(_timings_table(result.timings_s, result.n_metal_slices))
+            typer.echo(f"wrote {result.folder}")
 
 
 def register(app: typer.Typer) -> None:
@@ -244,10 +166,13 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option("--skip-bad", help="Skip unreadable DICOM files, do not stop."),
         ] = False,
-        save_intermediates: Annotated[
+        reinsert_metal: Annotated[
             bool,
-            typer.Option("--save-intermediates", help="Also write intermediates.npz."),
-        ] = False,
+            typer.Option(
+                "--reinsert-metal/--no-reinsert-metal",
+                help="Put the original metal pixels back into the output (default: yes).",
+            ),
+        ] = True,
     ) -> None:
         """Correct metal artifacts; with no INPUT, run the demo and write a PNG panel."""
         from mar_rt.errors import MarRtError
@@ -264,22 +189,22 @@ def register(app: typer.Typer) -> None:
             )
             raise _fail(f"bundle folder {bundle_path} does not exist ({hint})", code=2)
         try:
-            name, dev = _choose_backend(backend, device, bundle_path)
             if not inputs:
+                name, dev = _choose_backend(backend, device, bundle_path)
                 _run_demo(bundle_path, name, dev, steps, seed, out or Path("mar-rt-demo"))
             else:
                 _run_inputs(
                     list(inputs),
                     bundle=bundle_path,
-                    backend=name,
-                    device=dev,
+                    backend=backend,
+                    device=device,
                     steps=steps,
                     seed=seed,
                     out=out or Path("mar-rt-out"),
                     units=units,
                     sinogram=sinogram,
                     skip_bad=skip_bad,
-                    save_intermediates=save_intermediates,
+                    reinsert_metal=reinsert_metal,
                 )
         except MarRtError as exc:
             raise _fail(str(exc)) from exc

@@ -59,9 +59,11 @@ def _clip(x: ArrayT, lo: float | None, hi: float | None) -> ArrayT:
     return value
 
 
-def hu_to_mu(hu: ArrayT) -> ArrayT:
-    """HU → μ in cm⁻¹; HU is clipped at −1000 first, so μ ≥ 0."""
-    return (_clip(_float(hu), HU_MIN, None) / 1000.0 + 1.0) * MU_WATER
+def hu_to_mu(hu: ArrayT, *, clip: bool = True) -> ArrayT:
+    """HU → μ in cm⁻¹; HU is clipped at −1000 first, so μ ≥ 0 (``clip=False``: the exact
+    inverse of :func:`mu_to_hu`, for values that must round-trip)."""
+    value = _clip(_float(hu), HU_MIN, None) if clip else _float(hu)
+    return (value / 1000.0 + 1.0) * MU_WATER
 
 
 def mu_to_hu(mu: ArrayT) -> ArrayT:

@@ -29,6 +29,8 @@ class BundleFacts:
     sde: SDEConfig
     geometry: FanBeamGeometry
     pipeline: PipelineConfig
+    name: str = ""  # the bundle's name (its folder name): never a path
+    sha256: str = ""  # of bundle.json, which lists every weight file's sha256
 
 
 def open_bundle(path: str | Path) -> BundleFacts:
@@ -62,6 +64,14 @@ def open_bundle(path: str | Path) -> BundleFacts:
             f"{path}: pipeline image_size {pipeline.image_size} does not match the geometry's "
             f"image {geometry.image_shape}"
         )
+    from mar_rt.models.bundle import sha256_file
+
     return BundleFacts(
-        path=path, bundle=bundle, sde=bundle.sde, geometry=geometry, pipeline=pipeline
+        path=path,
+        bundle=bundle,
+        sde=bundle.sde,
+        geometry=geometry,
+        pipeline=pipeline,
+        name=path.resolve().name,
+        sha256=sha256_file(bundle.manifest_path),
     )

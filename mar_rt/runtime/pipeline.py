@@ -119,7 +119,8 @@ class DuDoCROPPipeline:
         sde: the bundle's IR-SDE config.
         geometry: the bundle's fan-beam geometry (image grid = ``config.image_size``²).
         config: pipeline switches.
-        bundle_name: recorded in the QA record.
+        bundle_name: the bundle's name (not a path), recorded in the QA record.
+        bundle_sha256: the sha256 of the bundle's manifest, recorded with derived images.
         fp32_graphs: builds an fp32 ``GraphSet`` for the fp16 overflow rerun (defaults to
             ``graphs.with_precision("fp32")``).
         operators: the FP/FBP operators and fused SDE step (``mar_rt.runtime.operators``);
@@ -135,6 +136,7 @@ class DuDoCROPPipeline:
         geometry: FanBeamGeometry,
         config: PipelineConfig,
         bundle_name: str = "",
+        bundle_sha256: str = "",
         fp32_graphs: Callable[[], GraphSet] | None = None,
         operators: Operators | None = None,
     ) -> None:
@@ -148,6 +150,7 @@ class DuDoCROPPipeline:
         self.geometry = geometry
         self.config = config
         self.bundle_name = bundle_name
+        self.bundle_sha256 = bundle_sha256
         self.device = graphs.device
         self._fp32_factory = fp32_graphs or (lambda: graphs.with_precision("fp32"))
         self._fp32: GraphSet | None = None
@@ -185,7 +188,8 @@ class DuDoCROPPipeline:
             sde=facts.sde,
             geometry=facts.geometry,
             config=config or facts.pipeline,
-            bundle_name=str(facts.path),
+            bundle_name=facts.name,
+            bundle_sha256=facts.sha256,
             operators=select_operators(facts.geometry, graphs.device, prefer=operators),
         )
 
@@ -200,6 +204,7 @@ class DuDoCROPPipeline:
             geometry=self.geometry,
             config=config,
             bundle_name=self.bundle_name,
+            bundle_sha256=self.bundle_sha256,
             fp32_graphs=self._fp32_factory,
             operators=self.operators,
         )

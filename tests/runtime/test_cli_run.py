@@ -26,12 +26,13 @@ def _invoke(*args):
 
 def test_run_npy_in_npy_out(bundle, tmp_path):
     hu = mu_to_hu(torch.stack([_slice(), _slice(metal=False)])).numpy().astype(np.float32)
+    hu[1, 0, :4] = -1024.0  # below the −1000 HU clip of HU → μ: must come back as is
     src = tmp_path / "in.npy"
     np.save(src, hu)
     out = tmp_path / "out"
     res = _invoke(
         src, "--units", "hu", "--bundle", bundle, "--steps", "1", "--out", out,
-        "--backend", "tensorrt", "--save-intermediates",
+        "--backend", "tensorrt",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "backend: torch on" in res.output
@@ -39,19 +40,17 @@ def test_run_npy_in_npy_out(bundle, tmp_path):
         assert "tensorrt: " in res.output and "falling back" in res.output
     for stage in ("prepare", "image_sde", "sinogram_sde", "osro", "total"):
         assert stage in res.output
-    (folder,) = out.glob("MAR_*")
+    (folder,) = out.glob("in_*")
     result = np.load(folder / "image.npy")
-    assert result.shape == (2, SMALL, SMALL)
-    # slice 1 has no metal: passed through (HU → μ → HU round trip only)
-    np.testing.assert_allclose(result[1], np.maximum(hu[1], -1000), atol=0.05)
+    assert result.shape == (2, SMALL, SMALL) and result.dtype == hu.dtype
+    # slice 1 has no metal: the input values, bit for bit
+    np.testing.assert_array_equal(result[1], hu[1])
     assert np.abs(result[0] - hu[0]).max() > 1.0
     qa = json.loads((folder / "qa.json").read_text())
-    assert [s["metal_found"] for s in qa["slices"]] == [True, False]
-    assert qa["slices"][1]["passed_through"] and qa["input"] == str(src)
+    assert [s["passed_through"] for s in qa["slices"]] == [False, True]
+    assert qa["slices"][0]["source"] == "in.npy" and qa["route"] == "image_only"
     assert set(qa["timings_s"]) >= {"clip", "image_sde", "sinogram_sde", "osro", "total"}
-    with np.load(folder / "intermediates.npz") as inter:
-        assert inter["x_p"].shape == (2, SMALL, SMALL)
-        assert inter["y_p"].shape == (2, 96, 97)
+    assert (folder / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_without_input_runs_the_demo(bundle, tmp_path):
@@ -95,9 +94,10 @@ def test_run_with_a_measured_sinogram(bundle, tmp_path):
     out = tmp_path / "out"
     res = _invoke(src, "--units", "mu", "--sinogram", sino, "--bundle", bundle, "--out", out)
     assert res.exit_code == 0, res.output
-    (folder,) = out.glob("MAR_*")
+    (folder,) = out.glob("x_*")
     qa = json.loads((folder / "qa.json").read_text())
-    assert qa["slices"][0]["sinogram_synthetic"] is False
+    assert qa["route"] == "sinogram"
+    assert qa["slices"][0]["pipeline"]["sinogram_synthetic"] is False
     np.save(sino, np.zeros((90, 97), np.float32))
     res = _invoke(src, "--units", "mu", "--sinogram", sino, "--bundle", bundle, "--out", out)
     assert res.exit_code == 1 and "96 views × 97 detector bins" in res.output

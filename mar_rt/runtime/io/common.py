@@ -28,6 +28,7 @@ import numpy as np
 
 from mar_rt.ct import units
 from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.resample import resample_images, resample_masks
 from mar_rt.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,12 @@ class Study:
     ``images`` are sorted by position along the slice normal (ascending) for DICOM and NIfTI,
     and in file order otherwise.  ``sinograms`` (``sinogram_is_measured`` tells whether the
     scanner/file gave them or they were computed), ``metal_masks``, ``metal_traces`` and
-    ``targets`` are optional and, when present, have one entry per slice.  ``handle`` is opaque
-    and belongs to the writer of ``source_kind``; ``skipped`` lists (file, reason) for files
-    left out under ``skip_bad``.  Replace fields with :func:`dataclasses.replace`.
+    ``targets`` are optional and, when present, have one entry per slice.  ``stored`` holds
+    the values exactly as the source stored them, (N, H, W) in the source's dtype: DICOM
+    stored pixel values before rescale, ``.npy`` / NIfTI values in their units, SynDeepLesion
+    μ; writers copy them bit for bit into slices that were not corrected.  ``handle`` is
+    opaque and belongs to the writer of ``source_kind``; ``skipped`` lists (file, reason) for
+    files left out under ``skip_bad``.  Replace fields with :func:`dataclasses.replace`.
     """
 
     images: np.ndarray  # μ cm⁻¹, float32 (N, H, W)
@@ -119,6 +123,7 @@ class Study:
     metal_masks: np.ndarray | None = None  # bool (N, H, W)
     metal_traces: np.ndarray | None = None  # bool (N, V, D)
     targets: np.ndarray | None = None  # μ cm⁻¹, float32 (N, H, W)
+    stored: np.ndarray | None = field(default=None, repr=False)
     handle: Any = field(default=None, repr=False, compare=False)
     skipped: tuple[tuple[Path, str], ...] = ()
 
@@ -135,7 +140,11 @@ class Study:
                 f"Study: {n} images but {len(self.source_paths)} source paths and "
                 f"{np.shape(self.positions_mm)} positions"
             )
-        for name, shape in (("metal_masks", images.shape), ("targets", images.shape)):
+        for name, shape in (
+            ("metal_masks", images.shape),
+            ("targets", images.shape),
+            ("stored", images.shape),
+        ):
             value = getattr(self, name)
             if value is not None and value.shape != shape:
                 raise ValueError(f"Study.{name} has shape {value.shape}, expected {shape}")
@@ -206,25 +215,8 @@ class GridMap:
         return self.source_shape != self.grid_shape
 
 
-def resample_images(images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resample (N, H, W) float images to (N, *shape), keeping the field of view.
-
-    Pixel edges stay aligned (the grid's outer edges coincide), bilinear interpolation with an
-    antialiasing (area-like triangle) filter when shrinking.  Returns float32.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    images = np.asarray(images, dtype=np.float32)
-    if tuple(images.shape[1:]) == tuple(shape):
-        return images.copy()
-    x = torch.from_numpy(np.ascontiguousarray(images))[:, None]
-    y = F.interpolate(x, size=tuple(shape), mode="bilinear", align_corners=False, antialias=True)
-    return y[:, 0].numpy().astype(np.float32, copy=False)
-
-
 def _resample_masks(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return resample_images(masks.astype(np.float32), shape) >= 0.5
+    return resample_masks(masks, shape)
 
 
 def to_grid(

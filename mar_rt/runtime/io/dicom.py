@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ NON_DICOM_SUFFIXES = frozenset(
     {".json", ".txt", ".md", ".csv", ".log", ".xml", ".html", ".pdf", ".png", ".jpg", ".jpeg"}
     | {".npy", ".npz", ".nii", ".gz", ".h5", ".zip", ".tar", ".py", ".sh"}
 )
+_DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DROPPED_KEYWORDS = (
     "SmallestImagePixelValue",
@@ -66,6 +67,16 @@ _DROPPED_KEYWORDS = (
     "IconImageSequence",
 )
 _MAR_APPLIED_TAG = 0x00189391  # set to YES only when the installed dictionary names it
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+# Unpaired BodyPartExamined defined terms (PS3.16 Annex L) for which Laterality is absent;
+# for any other value (paired, or a non-standard term such as PARTIALBODY) laterality is
+# not known here, so the derived series carries an empty Laterality (Type 2C).
+_UNPAIRED_BODY_PARTS = frozenset(
+    "ABDOMEN ABDOMENPELVIS BRAIN CHEST CHESTABDOMEN CHESTABDPELVIS COCCYX CSPINE HEAD "
+    "HEADNECK HEART JAW LIVER LSPINE MEDIASTINUM NECK PANCREAS PELVIS SACRUM SKULL SPINE "
+    "SSPINE THORAX TSPINE WHOLEBODY".split()
+)
+MANUFACTURER = "mar-rt"
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,49 @@ class DicomHandle:
 
     datasets: tuple[Any, ...]  # pydicom Datasets without pixel data, in study order
     series_uid: str
+    not_dicom: tuple[Path, ...] = ()  # files without the DICM preamble, left out
+
+
+def has_dicm_preamble(path: Path) -> bool:
+    """True when ``path`` starts with the 128-byte preamble and ``DICM`` (DICOM Part 10)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def sop_class_uid(ds: Any) -> str:
+    """The SOP Class UID of ``ds``: the data set's, else the file meta's Media Storage SOP
+    Class UID (real exports leave the data set's empty), else CT Image Storage."""
+    value = str(ds.get("SOPClassUID", "") or "").strip()
+    if not value:
+        meta = getattr(ds, "file_meta", None)
+        value = str(meta.get("MediaStorageSOPClassUID", "") or "").strip() if meta else ""
+    return value or CT_IMAGE_STORAGE
+
+
+def sop_instance_uid(ds: Any) -> str:
+    """The SOP Instance UID of ``ds``: the data set's, else the file meta's Media Storage SOP
+    Instance UID (empty in some anonymised exports), else ''."""
+    value = str(ds.get("SOPInstanceUID", "") or "").strip()
+    if not value:
+        meta = getattr(ds, "file_meta", None)
+        value = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip() if meta else ""
+    return value
+
+
+def is_mar_derived(ds: Any) -> bool:
+    """True when ``ds`` is a derived image (ImageType DERIVED) or one mar-rt wrote (our
+    ContributingEquipmentSequence entry): a loop guard for nodes and batch jobs."""
+    image_type = [str(v).upper() for v in (ds.get("ImageType", []) or [])]
+    if image_type[:1] == ["DERIVED"]:
+        return True
+    for item in ds.get("ContributingEquipmentSequence", []) or []:
+        if str(item.get("Manufacturer", "")) == MANUFACTURER:
+            return True
+    return False
 
 
 @dataclass
@@ -81,6 +135,7 @@ class _Loaded:
     path: Path
     ds: Any
     mu: np.ndarray  # float32 (H, W), cm⁻¹
+    stored: np.ndarray  # (H, W) stored pixel values, as decoded (before rescale)
 
 
 class _FileProblem(Exception):
@@ -156,7 +211,7 @@ def _load_one(path: Path) -> _Loaded:
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
-    return _Loaded(path=path, ds=ds, mu=hu_to_mu_f32(hu))
+    return _Loaded(path=path, ds=ds, mu=hu_to_mu_f32(hu), stored=np.array(stored))
 
 
 def _problems_message(problems: list[tuple[Path, str]], n_files: int) -> str:
@@ -249,7 +304,18 @@ def read_dicom(
     ``path`` is a file, a folder (recursive) or a list of files.  See the module docstring for
     the checks; every refusal is a BadInputError naming the file(s) and the problem.
     """
-    files = list_dicom_files(path)
+    candidates = list_dicom_files(path)
+    # a file without the DICM preamble is left out, unless its name claims DICOM: then it
+    # is a broken file, reported like any other
+    files = [f for f in candidates if has_dicm_preamble(f) or f.suffix.lower() in _DICOM_SUFFIXES]
+    not_dicom = tuple(f for f in candidates if f not in set(files))
+    for f in not_dicom:
+        log.info("%s: not a DICOM file (no DICM preamble); left out", f)
+    if not files:
+        raise BadInputError(
+            f"{path}: no DICOM file found (the {len(candidates)} file(s) there have no DICM "
+            "preamble)"
+        )
     loaded: list[_Loaded] = []
     problems: list[tuple[Path, str]] = []
     for f in files:
@@ -275,9 +341,11 @@ def read_dicom(
         positions_mm=positions,
         source_kind="dicom",
         source_paths=tuple(i.path for i in items),
+        stored=np.stack([i.stored for i in items]),
         handle=DicomHandle(
             datasets=tuple(i.ds for i in items),
             series_uid=str(items[0].ds.get("SeriesInstanceUID", "")),
+            not_dicom=not_dicom,
         ),
         skipped=tuple(problems),
     )
@@ -315,18 +383,47 @@ def _encode_hu(hu: np.ndarray, ds: Any, where: Path) -> np.ndarray:
     return np.clip(stored, lo, hi).astype(np.int16 if signed else np.uint16)
 
 
+def _source_references(handle: DicomHandle) -> list[Any]:
+    """(ReferencedSOPClassUID, ReferencedSOPInstanceUID) items for every source image."""
+    from pydicom.dataset import Dataset
+
+    items = []
+    for src in handle.datasets:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = sop_class_uid(src)
+        ref.ReferencedSOPInstanceUID = sop_instance_uid(src)
+        items.append(ref)
+    return items
+
+
+def _code(value: str, scheme: str, meaning: str) -> Any:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
 def _derive(
     src: Any,
-    hu: np.ndarray,
     *,
-    index: int,
-    series_uid: str,
-    source_series_uid: str,
-    bundle_name: str,
-    now: _dt.datetime,
+    stored: np.ndarray | None,
+    hu: np.ndarray | None,
     where: Path,
+    series_uid: str,
+    study_uid: str,
+    source_series_uid: str,
+    references: list[Any],
+    bundle_name: str,
+    bundle_sha256: str,
+    now: _dt.datetime,
 ) -> Any:
-    """A new dataset for one derived slice (``src`` is left untouched)."""
+    """A new dataset for one derived slice (``src`` is left untouched).
+
+    Exactly one of ``stored`` (the source's stored pixel values, copied bit for bit: a slice
+    that was not corrected) and ``hu`` (new values, encoded with the source's bit depth,
+    RescaleSlope and RescaleIntercept) is given.
+    """
     import pydicom
     from pydicom.datadict import keyword_for_tag
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -338,37 +435,74 @@ def _derive(
     for keyword in _DROPPED_KEYWORDS + _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
+    sop_class = sop_class_uid(src)
     sop_uid = generate_uid()
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.SeriesInstanceUID = series_uid
+    ds.StudyInstanceUID = study_uid
     ds.SeriesNumber = int(src.get("SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET
-    ds.InstanceNumber = index + 1
+    if src.get("InstanceNumber") in (None, ""):
+        ds.InstanceNumber = 1
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = date
     ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = time
-    original_type = list(src.get("ImageType", []) or [])
-    ds.ImageType = ["DERIVED", "SECONDARY", *original_type[2:]]
+    original_type = [str(v) for v in (src.get("ImageType", []) or [])]
+    ds.ImageType = ["DERIVED", "SECONDARY", *(original_type[2:] or ["AXIAL"])]
     old_description = str(src.get("SeriesDescription", "") or "")
-    ds.SeriesDescription = _clean_text(f"MAR {bundle_name} {old_description}", 64)
+    ds.SeriesDescription = _clean_text(f"MAR {old_description}".strip(), 64)
     ds.DerivationDescription = _clean_text(
-        f"Metal artifact reduction (DuDoCROP) by mar-rt {mar_rt.__version__}, bundle {bundle_name}",
+        f"Metal artifact reduction (DuDoCROP) by mar-rt {mar_rt.__version__}; bundle "
+        f"{bundle_name} sha256 {bundle_sha256 or 'unknown'}",
         1024,
     )
     source_ref = Dataset()
-    source_ref.ReferencedSOPClassUID = src.SOPClassUID
-    source_ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    source_ref.ReferencedSOPClassUID = sop_class
+    source_ref.ReferencedSOPInstanceUID = sop_instance_uid(src)
+    source_ref.PurposeOfReferenceCodeSequence = [
+        _code("121322", "DCM", "Source image for image processing operation")
+    ]
     ds.SourceImageSequence = [source_ref]
-    series_ref = Dataset()
-    series_ref.SeriesInstanceUID = source_series_uid
-    ds.ReferencedSeriesSequence = [series_ref]
+    if "ReferencedSeriesSequence" in ds:
+        del ds.ReferencedSeriesSequence
+    if source_series_uid:  # an anonymised source without one cannot be referenced by series
+        series_ref = Dataset()
+        series_ref.SeriesInstanceUID = source_series_uid
+        series_ref.ReferencedInstanceSequence = references
+        ds.ReferencedSeriesSequence = [series_ref]
+    equipment = Dataset()
+    equipment.Manufacturer = MANUFACTURER
+    equipment.SoftwareVersions = _clean_text(str(mar_rt.__version__), 64)
+    equipment.ContributionDateTime = now.strftime("%Y%m%d%H%M%S")
+    equipment.ContributionDescription = _clean_text(
+        f"Metal artifact reduction, bundle {bundle_name}", 64
+    )
+    equipment.PurposeOfReferenceCodeSequence = [_code("109102", "DCM", "Processing Equipment")]
+    ds.ContributingEquipmentSequence = [
+        *list(src.get("ContributingEquipmentSequence", []) or []),
+        equipment,
+    ]
     ds.BurnedInAnnotation = "NO"
+    body_part = str(ds.get("BodyPartExamined", "") or "").upper()
+    if body_part and body_part not in _UNPAIRED_BODY_PARTS and "Laterality" not in ds:
+        ds.Laterality = ""
     mar_keyword = keyword_for_tag(_MAR_APPLIED_TAG)
     if mar_keyword:
         setattr(ds, mar_keyword, "YES")
 
-    ds.add_new(0x7FE00010, "OW", _encode_hu(hu, ds, where).tobytes())  # PixelData
+    if hu is not None:
+        pixels = _encode_hu(hu, ds, where)
+    else:
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        bits = int(ds.get("BitsAllocated", 16))
+        dtype = np.dtype(f"{'i' if signed else 'u'}{max(bits // 8, 1)}").newbyteorder("<")
+        pixels = np.asarray(stored).astype(dtype, casting="unsafe")
+        if not np.array_equal(pixels, stored):
+            raise MarRtError(f"{where}: stored pixel values do not fit the source's {dtype}")
+    vr = "OW" if int(ds.get("BitsAllocated", 16)) > 8 else "OB"
+    ds.add_new(0x7FE00010, vr, np.ascontiguousarray(pixels).tobytes())  # PixelData
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = src.SOPClassUID
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
@@ -383,14 +517,21 @@ def write_dicom_series(
     out_dir: Path | str,
     *,
     bundle_name: str,
+    bundle_sha256: str = "",
     qa: dict[str, Any] | None = None,
+    keep: np.ndarray | None = None,
+    folder_name: str | None = None,
+    extras: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``images_mu`` (μ cm⁻¹, (N, H, W) at the source size, study order) as a DERIVED
-    series of the DICOM ``study``; return the new folder ``out_dir/MAR_<SeriesInstanceUID>``.
+    series of the DICOM ``study``; return the new folder ``out_dir/<folder_name>`` (default
+    ``MAR_<SeriesInstanceUID>``).
 
-    ``qa`` (JSON-able dict) is written beside the images as ``qa.json``.  ``out_dir`` must not
-    be, or lie inside, a folder holding input files.  Nothing appears under ``out_dir`` unless
-    the whole series was written.
+    Slices where ``keep`` (bool (N,)) is True are written with the source's stored pixel
+    values, bit for bit (their ``images_mu`` rows are ignored).  ``qa`` (JSON-able dict) is
+    written beside the images as ``qa.json``; ``extras(folder)`` may add more files (a
+    preview).  ``out_dir`` must not be, or lie inside, a folder holding input files.  Nothing
+    appears under ``out_dir`` unless the whole series was written.
     """
     from pydicom.uid import generate_uid
 
@@ -398,13 +539,19 @@ def write_dicom_series(
     if study.source_kind != "dicom" or not isinstance(handle, DicomHandle):
         raise MarRtError(f"{study.source_paths[0]}: not a DICOM study; use another writer")
     images_mu = np.asarray(images_mu)
-    expected = (len(handle.datasets), int(handle.datasets[0].Rows), int(handle.datasets[0].Columns))
+    n = len(handle.datasets)
+    expected = (n, int(handle.datasets[0].Rows), int(handle.datasets[0].Columns))
     if images_mu.shape != expected:
         raise MarRtError(
             f"{study.source_paths[0]}: refusing to write images of shape {images_mu.shape}; the "
             f"source series is {expected} (map grid outputs back with from_grid first)"
         )
-    check_finite(images_mu, "output images", "values")
+    keep = np.zeros(n, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    if keep.shape != (n,):
+        raise MarRtError(f"keep has shape {keep.shape}, expected ({n},)")
+    if keep.any() and study.stored is None:
+        raise MarRtError(f"{study.source_paths[0]}: no stored pixel values to pass through")
+    check_finite(images_mu[~keep], "output images", "values")
     out_dir = Path(out_dir)
     out_root = out_dir.resolve()
     for folder in {p.resolve().parent for p in study.source_paths}:
@@ -414,24 +561,38 @@ def write_dicom_series(
                 "choose an output folder outside the input"
             )
     series_uid = generate_uid()
-    final = check_inside(out_dir / f"MAR_{series_uid}", out_dir)
+    study_uid = str(handle.datasets[0].get("StudyInstanceUID", "") or "").strip()
+    if not study_uid:
+        study_uid = generate_uid()
+        log.warning(
+            "%s: the source has no StudyInstanceUID; the derived series gets a new study %s",
+            study.source_paths[0],
+            study_uid,
+        )
+    final = check_inside(out_dir / (folder_name or f"MAR_{series_uid}"), out_dir)
     now = _dt.datetime.now()
     hu = mu_to_hu_f64(images_mu)
+    references = _source_references(handle)
     with atomic_folder(final) as tmp:
         for i, src in enumerate(handle.datasets):
             name = f"IM{i + 1:06d}.dcm"
             ds = _derive(
                 src,
-                hu[i],
-                index=i,
-                series_uid=series_uid,
-                source_series_uid=handle.series_uid,
-                bundle_name=bundle_name,
-                now=now,
+                stored=study.stored[i] if keep[i] else None,  # type: ignore[index]
+                hu=None if keep[i] else hu[i],
                 where=final / name,
+                series_uid=series_uid,
+                study_uid=study_uid,
+                source_series_uid=handle.series_uid,
+                references=references,
+                bundle_name=bundle_name,
+                bundle_sha256=bundle_sha256,
+                now=now,
             )
             ds.save_as(tmp / name, enforce_file_format=True)
         if qa is not None:
-            write_qa_record(tmp / "qa.json", qa)
-    log.info("wrote %d derived slices to %s", len(handle.datasets), final)
+            write_qa_record(tmp / "qa.json", {**qa, "series_instance_uid": series_uid})
+        if extras is not None:
+            extras(tmp)
+    log.info("wrote %d derived slices to %s", n, final)
     return final

@@ -52,6 +52,24 @@ def _as_stack(array: np.ndarray, path: Path) -> np.ndarray:
     raise BadInputError(f"{path}: array has shape {array.shape}; expected (H, W) or (N, H, W)")
 
 
+def merge_kept(
+    values: np.ndarray, keep: np.ndarray | None, stored: np.ndarray | None
+) -> np.ndarray:
+    """``values`` (N, H, W) in the output units, with the rows where ``keep`` is True replaced
+    by ``stored`` bit for bit.  The result has ``stored``'s dtype when rows are kept (integer
+    rows that were computed are rounded and clipped to it), else ``values``' dtype."""
+    if keep is None or stored is None or not np.any(keep):
+        return values
+    keep = np.asarray(keep, dtype=bool)
+    dtype = stored.dtype
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        computed = np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    else:
+        computed = values.astype(dtype)
+    return np.where(keep[:, None, None], stored, computed)
+
+
 # --- NIfTI ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NiftiHandle:
@@ -66,9 +84,10 @@ class NiftiHandle:
 
 @dataclass(frozen=True)
 class NpyHandle:
-    """The units an ``.npy`` input was read in."""
+    """The units an ``.npy`` input was read in, and its number of dimensions (2 or 3)."""
 
     units: Units
+    ndim: int = 3
 
 
 def read_nifti(path: Path | str, *, units: Units) -> Study:
@@ -108,6 +127,7 @@ def read_nifti(path: Path | str, *, units: Units) -> Study:
         positions_mm=positions,
         source_kind="nifti",
         source_paths=(path,) * images.shape[0],
+        stored=images,
         handle=NiftiHandle(
             affine=img.affine, header=img.header, to_ras=to_ras, from_ras=from_ras, units=units
         ),
@@ -115,22 +135,30 @@ def read_nifti(path: Path | str, *, units: Units) -> Study:
 
 
 def write_nifti(
-    path: Path | str, images_mu: np.ndarray, *, units: Units, like: Study | None = None
+    path: Path | str,
+    images_mu: np.ndarray,
+    *,
+    units: Units,
+    like: Study | None = None,
+    keep: np.ndarray | None = None,
 ) -> Path:
     """Write (N, H, W) μ images as float32 NIfTI in ``units``, atomically.
 
     With ``like`` a NIfTI study, its affine, header and orientation are reused (exact round
     trip); otherwise the affine is diagonal from ``like``'s pixel spacing (or 1 mm) in the
-    radiological layout described in the module docstring.
+    radiological layout described in the module docstring.  Slices where ``keep`` is True
+    take ``like.stored`` (the values as read, when ``units`` are the units read in).
     """
     import nibabel as nib
 
     _check_units(units)
     path = Path(path)
     stack = from_mu(_as_stack(np.asarray(images_mu), path), units)
+    handle = None if like is None else like.handle
+    if isinstance(handle, NiftiHandle) and handle.units == units:
+        stack = merge_kept(stack, keep, like.stored).astype(np.float32)  # type: ignore[union-attr]
     check_finite(stack, path, "values to write")
     ras = np.transpose(stack, (2, 1, 0))[::-1, ::-1, :]
-    handle = None if like is None else like.handle
     if isinstance(handle, NiftiHandle):
         data = nib.orientations.apply_orientation(ras, handle.from_ras)
         header = handle.header.copy()
@@ -170,7 +198,8 @@ def read_npy(
         positions_mm=np.full(stack.shape[0], np.nan),
         source_kind="npy",
         source_paths=(path,) * stack.shape[0],
-        handle=NpyHandle(units=units),
+        stored=stack,
+        handle=NpyHandle(units=units, ndim=array.ndim),
     )
 
 
@@ -253,6 +282,7 @@ def read_syndeeplesion(path: Path | str, *, geometry: FanBeamGeometry | None = N
         positions_mm=np.full(len(images), np.nan),
         source_kind="h5",
         source_paths=tuple(paths),
+        stored=stack(images, np.float32, "ma_CT"),
         sinograms=stack(sinos, np.float32, "ma_sinogram"),
         sinogram_is_measured=all(s is not None for s in sinos),
         metal_traces=stack(traces, bool, "metal_trace"),
