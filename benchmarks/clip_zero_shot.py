@@ -33,24 +33,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from mar_rt.models.bundle import load_bundle
-    from mar_rt.train import data as D
+    from mar_rt.train.clip_set import ClipSet, clip_set
     from mar_rt.train.clip_trainer import zero_shot_report
-    from mar_rt.train.recipe import recipe_config
+    from mar_rt.train.data_config import training_jobs
+    from mar_rt.train.presets import recipe_config
     from mar_rt.train.sources import load_clean_slices
+    from mar_rt.train.split import split_slices
 
     recipe = recipe_config(args.config)
     bundle = load_bundle(args.bundle, verify=True)
-    _, val_slices = D.split_slices(load_clean_slices(args.data), recipe.data.val_ids)
+    _, val_slices = split_slices(load_clean_slices(args.data), recipe.data.val_ids)
     if not val_slices:
         raise SystemExit(f"{args.data}: none of the validation slices {recipe.data.val_ids}")
-    jobs = D.training_jobs(val_slices, dataclasses.replace(recipe.data, masks_per_slice=args.masks))
+    jobs = training_jobs(val_slices, dataclasses.replace(recipe.data, masks_per_slice=args.masks))
     results = {"bundle": str(Path(args.bundle)), "cases": len(jobs), "domains": {}}
-    cases_at: dict[int, D.ClipSet] = {}  # tower size → the cases (both domains)
+    cases_at: dict[int, ClipSet] = {}  # tower size → the cases (both domains)
     for domain in ("image", "sinogram"):
         model = bundle.build(f"clip_{domain}").eval()
         size = model.cfg.image_size
         if size not in cases_at:
-            cases_at[size] = D.clip_set(
+            cases_at[size] = clip_set(
                 val_slices, jobs, seed=recipe.data.seed, size=size,
                 cache_file=Path(args.work) / "cache" / "clip_val.pt",  # the recipe's file
             )  # fmt: skip

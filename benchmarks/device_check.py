@@ -709,7 +709,8 @@ def _loop_overhead(pipe: Any, res: Any, steps: int, repeats: int) -> dict:
 TRAIN_CHILD = """
 import logging, sys
 from pathlib import Path
-from mar_rt.train.recipe import recipe_config, train_bundle
+from mar_rt.train.presets import recipe_config
+from mar_rt.train.recipe import train_bundle
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 config, minutes, sources, out = sys.argv[1], float(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 train_bundle(

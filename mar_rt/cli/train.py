@@ -79,7 +79,8 @@ def _run(
 
     if threads:
         torch.set_num_threads(threads)
-    from mar_rt.train.recipe import recipe_config, train_bundle
+    from mar_rt.train.presets import recipe_config
+    from mar_rt.train.recipe import train_bundle
     from mar_rt.train.sources import load_clean_slices
 
     try:

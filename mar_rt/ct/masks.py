@@ -28,12 +28,15 @@ import numpy as np
 import scipy.ndimage as ndi
 from scipy.signal import fftconvolve
 
+from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.units import hu_to_mu
 
 KINDS = ("disc", "ellipse", "rod", "screw", "dental", "hip_stem", "multi")
 """Mask shapes :func:`generate_metal_mask` can draw."""
 
-REFERENCE_SHAPE = (416, 416)
+REFERENCE_SHAPE = FanBeamGeometry.syndeeplesion().image_shape
+"""The SynDeepLesion image grid (416, 416) that sizes in px refer to."""
+
 SIZE_RANGE_PX = (30, 2500)
 """Allowed metal pixel counts at 416² (scaled by area for other shapes)."""
 

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from mar_rt.models import prompts
 from mar_rt.models.dudoclip import DuDoCLIP, resize_to_tower
-from mar_rt.train.data import PairMeta, rot_flip
+from mar_rt.train.augment import rot_flip
+from mar_rt.train.pair_meta import PairMeta
 
 log = logging.getLogger(__name__)
 

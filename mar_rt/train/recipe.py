@@ -18,8 +18,8 @@ Stages (each a function; the budget of a stage is its share of the time still le
 A bundle is saved after stages 5, 6 and 8 with the pipeline switched to what is trained so far
 (untrained U-Nets are stored at their random initialisation and switched off), so a run cut
 short still leaves a usable bundle. Validation during training and stages 7 and 9 run
-``mar_rt.runtime.pipeline.DuDoCROPPipeline`` — the one place ``train`` imports ``runtime``
-(an allowed exception: validation must go through the real pipeline).
+``mar_rt.runtime.pipeline.DuDoCROPPipeline``: validation goes through the real pipeline
+(``train`` sits above ``runtime`` in the layers). The presets are data, in ``presets``.
 
 Checkpoints live in ``<work>/ckpt``; ``resume`` skips finished stages and continues a
 U-Net run from its checkpoint. ``init_from`` (a bundle) starts every U-Net from that bundle's
@@ -46,12 +46,25 @@ from mar_rt.ct import metrics
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.errors import MarRtError
 from mar_rt.models.bundle import Bundle, load_bundle, save_bundle
-from mar_rt.models.sde import SDEConfig, make_schedule
-from mar_rt.models.unet import ConditionalUNet, UNetConfig
-from mar_rt.train import data as D
-from mar_rt.train.clip_trainer import ClipTrainConfig, embed, train_clip
-from mar_rt.train.sde_trainer import SDETrainConfig, identity_init, train_sde
+from mar_rt.models.sde import make_schedule
+from mar_rt.models.unet import ConditionalUNet
+from mar_rt.train.clip_set import ClipSet, clip_inputs, clip_set
+from mar_rt.train.clip_trainer import embed, train_clip
+from mar_rt.train.data_config import training_jobs
+from mar_rt.train.domains import (
+    DomainData,
+    image_domain,
+    residual_domain,
+    sinogram_domain,
+    with_nmar,
+)
+from mar_rt.train.pair_meta import PairMeta
+from mar_rt.train.pairs import PairSet, generate_pairs
+from mar_rt.train.presets import RecipeConfig
+from mar_rt.train.sde_trainer import identity_init, train_sde
 from mar_rt.train.sources import CleanSlice, load_clean_slices
+from mar_rt.train.split import check_no_validation, phantom_slices, split_slices
+from mar_rt.train.validation_set import write_validation_set
 
 log = logging.getLogger(__name__)
 
@@ -61,199 +74,6 @@ STAGES = (
 )  # fmt: skip
 NETWORKS = ("clip_image", "clip_sinogram", "unet_image", "unet_sinogram", "unet_residual")
 REPORT = "train_report.json"
-
-
-# --- configurations ------------------------------------------------------------------------------
-def demo_clip_config() -> Any:
-    """The demo bundle's DuDoCLIP: ViT 112² / patch 16, width 128, 4 blocks; text width 32,
-    2 blocks; D = 128 (3.4 M parameters, 6.8 MB in fp16).
-
-    Smaller than ``DuDoCLIPConfig.tiny()`` (13 M parameters, 26 MB in fp16 each, mostly the
-    frozen 49408 × 128 token table), which would not fit two DuDoCLIPs in the ≤ 25 MB demo bundle.
-    """
-    from mar_rt.models.dudoclip import DuDoCLIPConfig
-
-    return DuDoCLIPConfig(
-        embed_dim=128,
-        image_size=112,
-        vision_cfg={"layers": 4, "width": 128, "head_width": 32, "patch_size": 16},
-        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    )
-
-
-@dataclass(frozen=True, kw_only=True)
-class RecipeConfig:
-    """Everything one bundle's training run needs (saved in ``train_report.json``).
-
-    ``budget``: relative share of the total time per stage (``STAGES``); ``residual_pairs``:
-    training pairs run through the pipeline for the residual net; ``residual_loop_steps``: the
-    DAPG sampling steps used for them; ``val_cases``: validation cases used while training;
-    ``tune_steps``: sampling-step candidates of stage 9 (``tune_cases`` cases each; 0 = all);
-    ``cache_pairs``: write training pairs to ``<work>/cache`` (off on GPUs, where simulating is
-    cheaper than compressing); ``identity_init``: U-Nets start at ε̂ = (x_t − μ)/λ
-    (``sde_trainer.identity_init``).
-    """
-
-    name: str
-    clip: Any
-    unet: UNetConfig
-    sde: SDEConfig
-    data: D.DataConfig
-    clip_image: ClipTrainConfig
-    clip_sinogram: ClipTrainConfig
-    image: SDETrainConfig
-    sinogram: SDETrainConfig
-    residual: SDETrainConfig
-    pipeline: Any  # mar_rt.runtime.config.PipelineConfig
-    budget: tuple[tuple[str, float], ...]
-    residual_pairs: int = 32
-    residual_loop_steps: int = 10
-    val_cases: int = 4
-    tune_steps: tuple[int, ...] = (10,)
-    tune_cases: int = 0
-    store_fp16: bool = True
-    cache_pairs: bool = True
-    identity_init: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.to_dict() if hasattr(v, "to_dict") else (
-                dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-            )  # fmt: skip
-        return json.loads(json.dumps(out, default=str))
-
-
-def recipe_config(name: str = "tiny", *, device: str = "cpu", seed: int = 0) -> RecipeConfig:
-    """Presets: ``tiny`` (the demo bundle; batch sizes and counts scaled for CUDA or CPU, or
-    forced with ``tiny-gpu`` / ``tiny-cpu``),
-    ``paper`` (ViT-B/32 + nf 64; for real hardware) and ``smoke`` (minutes-free end-to-end
-    check: one pair, a few steps, toy networks)."""
-    from mar_rt.models.dudoclip import DuDoCLIPConfig
-    from mar_rt.runtime.config import PipelineConfig
-
-    gpu = torch.device(device).type == "cuda"
-    if name in ("tiny-gpu", "tiny-cpu"):  # the tiny preset sized for the other device kind
-        name, gpu = "tiny", name == "tiny-gpu"
-    budget = (
-        ("data", 0.18), ("clip_image", 0.06), ("clip_sinogram", 0.06), ("unet_image", 0.30),
-        ("unet_sinogram", 0.16), ("residual_data", 0.05), ("unet_residual", 0.12), ("tune", 0.07),
-    )  # fmt: skip
-    # The tiny preset (DESIGN §9 calibration: CPU minutes, a handful of slices). Measured on
-    # the 20 validation cases after 10–14 min of one CPU thread (model card): with T = 100
-    # (cosine or constant θ, Euler-form ml_loss) or T = 4 the sampled X_p lost 0.3–25 dB to its
-    # μ; with T = S = 1, the posterior loss, λ = 2/255 and μ = the NMAR pair it gained on
-    # every case. One step makes the reverse SDE a single x̂₀ prediction from x_T = μ + λz.
-    sde = SDEConfig(T=1, max_sigma=2.0, schedule="constant")
-    pipeline = PipelineConfig(steps=1, mu_source="nmar", alpha=0.5, batch_size=4 if gpu else 2)
-    if name == "tiny":
-        clip = demo_clip_config()
-        unet = dataclasses.replace(
-            UNetConfig.tiny(context_dim=clip.embed_dim), noise_skip=1.0 / sde.lam
-        )
-        sde_train = {"loss": "posterior", "eps_weight": 0.0, "warmup": 100, "seed": seed}
-        # DuDoCLIP's own set (160 masks per training slice, 160 phantoms × 4, one metal-free
-        # scan per slice) and schedule: on one CPU thread (48 min per domain) these gave
-        # sinogram PI_s 0.35 / 0.41 on two 120-case held-out sets (majority 0.19 / 0.23); the
-        # image domain stayed below its majority rate (model card)
-        clip_set = {
-            "clip_masks_per_slice": 160, "clip_phantoms": 160, "clip_phantom_masks": 4,
-            "clip_val_masks": 60, "clip_clean": True,
-        }  # fmt: skip
-        clip_own = ClipTrainConfig(
-            steps=5000, batch=64, lr=5e-4, warmup=250, zero_shot_text_prob=0.5, seed=seed
-        )
-        if gpu:
-            data = D.DataConfig(
-                masks_per_slice=48, phantoms=48, phantom_masks=4, seed=seed, **clip_set
-            )
-            clip_img, clip_sino = clip_own, clip_own
-            img = SDETrainConfig(
-                steps=20000, batch=32, patch=128, lr=3e-4, val_every=1500, ckpt_every=1000,
-                **sde_train,
-            )  # fmt: skip
-            sino = dataclasses.replace(img, seed=seed + 1)
-            res = dataclasses.replace(img, seed=seed + 2)
-            extra = {
-                "residual_pairs": 192,
-                "residual_loop_steps": 1,
-                "val_cases": 8,
-                "tune_steps": (1,),
-                "cache_pairs": False,
-            }
-        else:
-            data = D.DataConfig(
-                masks_per_slice=16, phantoms=8, phantom_masks=2, seed=seed, **clip_set
-            )
-            # the image controller trained on the U-Net pairs scored no worse on held-out PI_s
-            # than on its own set (which tied severity to the 7 slices' anatomy)
-            clip_img = ClipTrainConfig(steps=800, batch=16, lr=2e-4, seed=seed, own_set=False)
-            clip_sino = clip_own
-            # at 3e-4 the image loss climbed for the first 500 steps (0.06 → 0.12)
-            img = SDETrainConfig(
-                steps=20000, batch=6, patch=96, lr=1e-4, val_every=0, ckpt_every=200, **sde_train
-            )
-            sino = dataclasses.replace(img, lr=3e-4, seed=seed + 1)
-            res = dataclasses.replace(img, seed=seed + 2)
-            extra = {
-                "residual_pairs": 16,
-                "residual_loop_steps": 1,
-                "val_cases": 2,
-                "tune_steps": (1,),
-                "tune_cases": 0,
-            }
-    elif name == "smoke":
-        from mar_rt.models.dudoclip import DuDoCLIPConfig
-
-        clip = DuDoCLIPConfig(
-            embed_dim=16, image_size=32,
-            vision_cfg={"layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-            text_cfg={
-                "context_length": 77, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1,
-            },
-        )  # fmt: skip
-        # four levels, so self-attention only runs at 1/8 resolution (6480 tokens on a sinogram)
-        unet = UNetConfig(
-            nf=4, ch_mult=(1, 1, 2, 2), num_res_blocks=1, context_dim=16, time_sin_dim=8,
-            time_dim=16, prompt_len=8, attn_head_dim=8, linear_attn_heads=1,
-            linear_attn_head_dim=8, transformer_levels=(3,), norm_groups=4,
-        )  # fmt: skip
-        data = D.DataConfig(
-            masks_per_slice=1, phantoms=0, phantom_masks=0, seed=seed, val_sizes=(451,),
-            clip_masks_per_slice=2, clip_val_masks=1, clip_clean=True,
-        )  # fmt: skip
-        clip_img = clip_sino = ClipTrainConfig(steps=3, batch=2, seed=seed, log_every=0)
-        img = SDETrainConfig(
-            steps=3, batch=2, patch=32, warmup=1, seed=seed, log_every=0, val_every=2
-        )
-        sino = dataclasses.replace(img, seed=seed + 1)
-        res = dataclasses.replace(img, seed=seed + 2)
-        extra = {"residual_pairs": 1, "residual_loop_steps": 2, "val_cases": 1, "tune_steps": (2,)}
-        pipeline = PipelineConfig(steps=2, mu_source="li", alpha=0.5, batch_size=1)
-        sde = SDEConfig(T=2, max_sigma=10.0, schedule="constant")
-    elif name == "paper":
-        clip = DuDoCLIPConfig.paper()
-        unet = UNetConfig.paper(context_dim=clip.embed_dim)
-        data = D.DataConfig(masks_per_slice=90, phantoms=200, phantom_masks=10, seed=seed)
-        clip_img = clip_sino = ClipTrainConfig(steps=20000, batch=128, lr=3e-5, seed=seed)
-        img = SDETrainConfig(
-            steps=200000, batch=16, patch=128, lr=1e-4, seed=seed, val_every=5000, ckpt_every=2000
-        )
-        sino = dataclasses.replace(img, seed=seed + 1)
-        res = dataclasses.replace(img, seed=seed + 2)
-        sde = SDEConfig(T=100, max_sigma=10.0)
-        extra = {"residual_pairs": 2000, "val_cases": 20, "tune_steps": (20, 50, 100)}
-        pipeline = PipelineConfig(steps=50, mu_source="li", alpha=0.5, batch_size=4)
-    else:
-        raise ValueError(
-            f"unknown recipe config {name!r}; choose tiny, tiny-gpu, tiny-cpu, paper or smoke"
-        )
-    return RecipeConfig(
-        name=name, clip=clip, unet=unet, sde=sde, data=data, clip_image=clip_img,
-        clip_sinogram=clip_sino, image=img, sinogram=sino, residual=res, pipeline=pipeline,
-        budget=budget, **extra,
-    )  # fmt: skip
 
 
 # --- time budgets --------------------------------------------------------------------------------
@@ -327,7 +147,7 @@ def stage_pipeline(pipeline: Any, trained: set[str]) -> Any:
 
 
 # --- validation through the real pipeline --------------------------------------------------------
-def spread_cases(metas: Sequence[D.PairMeta], n: int) -> list[int]:
+def spread_cases(metas: Sequence[PairMeta], n: int) -> list[int]:
     """``n`` validation case indices spread over sizes and slices (deterministic)."""
     order = sorted(range(len(metas)), key=lambda i: (metas[i].k, metas[i].slice_id))
     if n <= 0 or n >= len(order):
@@ -338,7 +158,7 @@ def spread_cases(metas: Sequence[D.PairMeta], n: int) -> list[int]:
 
 @torch.no_grad()
 def run_pipeline(
-    bundle: str | os.PathLike[str], pairs: D.PairSet, config: Any, *, device: str,
+    bundle: str | os.PathLike[str], pairs: PairSet, config: Any, *, device: str,
     steps: int | None = None, seed: int = 0, intermediates: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """The real pipeline on ``pairs`` (measured ``ma_sinogram``, given masks) → (outputs (N, H, W)
@@ -362,7 +182,7 @@ def run_pipeline(
     return torch.cat(outs), {k: torch.cat(v) for k, v in inter.items()}
 
 
-def score(images: torch.Tensor, pairs: D.PairSet) -> dict[str, float]:
+def score(images: torch.Tensor, pairs: PairSet) -> dict[str, float]:
     """Mean PSNR / SSIM (SynDeepLesion convention) of ``images`` against the pairs' targets."""
     target, mask = pairs.fields["image"].cpu(), pairs.fields["mask"].cpu()
     p = np.atleast_1d(metrics.psnr(images, target, mask))
@@ -398,10 +218,10 @@ class Run:
     nets: dict[str, torch.nn.Module] = field(default_factory=dict)
     trained: set[str] = field(default_factory=set)
     report: dict[str, Any] = field(default_factory=dict)
-    train: D.PairSet | None = None
-    val: D.PairSet | None = None
-    clip_train: D.ClipSet | None = None  # DuDoCLIP's own pairs (``DataConfig.clip_*``)
-    clip_val: D.ClipSet | None = None  # its zero-shot (PI_s) cases
+    train: PairSet | None = None
+    val: PairSet | None = None
+    clip_train: ClipSet | None = None  # DuDoCLIP's own pairs (``DataConfig.clip_*``)
+    clip_val: ClipSet | None = None  # its zero-shot (PI_s) cases
     emb: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     init: dict[str, dict[str, torch.Tensor]] | None = None  # U-Net name → starting weights
 
@@ -443,24 +263,24 @@ def _stage_data(run: Run, slices: Sequence[CleanSlice]) -> None:
     t0 = time.monotonic()
     r = run.recipe
     dev = run.device
-    phantoms = D.phantom_slices(r.data.phantoms, r.data.seed)
-    train_slices, val_slices = D.split_slices(list(slices) + phantoms, r.data.val_ids)
+    phantoms = phantom_slices(r.data.phantoms, r.data.seed)
+    train_slices, val_slices = split_slices(list(slices) + phantoms, r.data.val_ids)
     if not val_slices:
         log.warning("no validation slices among the sources (%s)", r.data.val_ids)
     deadline = run.clock.deadline("data")
     run.val = (
-        D.write_validation_set(
+        write_validation_set(
             val_slices, run.work / "val", seed=r.data.seed, device=dev, sizes=r.data.val_sizes
         )
         if val_slices else None
     )  # fmt: skip
-    run.train = D.generate_pairs(
-        train_slices, D.training_jobs(train_slices, r.data), seed=r.data.seed, device=dev,
+    run.train = generate_pairs(
+        train_slices, training_jobs(train_slices, r.data), seed=r.data.seed, device=dev,
         cache_dir=run.work / "cache" / "train" if r.cache_pairs else None, deadline=deadline,
         min_pairs=len(train_slices),
         progress=(lambda i, n: log.info("data: pair %d/%d", i, n)) if run.progress else None,
     )  # fmt: skip
-    D.check_no_validation(run.train.metas, r.data.val_ids)
+    check_no_validation(run.train.metas, r.data.val_ids)
     clip_info = {}
     clip_stages = [st for st in ("clip_image", "clip_sinogram") if st in run.stages]
     if "data" in run.stages or clip_stages:
@@ -495,18 +315,18 @@ def _clip_data(
     log_progress = (lambda i, n: log.info("clip data: pair %d/%d", i, n)) if run.progress else None
     common = {"seed": r.data.seed, "size": r.clip.image_size, "device": run.device}
     if own_set and (counts.masks_per_slice or counts.phantom_masks):
-        phantoms = D.phantom_slices(counts.phantoms, r.data.seed)
-        train_slices, _ = D.split_slices(list(slices) + phantoms, r.data.val_ids)
-        run.clip_train = D.clip_set(
-            train_slices, D.training_jobs(train_slices, counts), **common,
+        phantoms = phantom_slices(counts.phantoms, r.data.seed)
+        train_slices, _ = split_slices(list(slices) + phantoms, r.data.val_ids)
+        run.clip_train = clip_set(
+            train_slices, training_jobs(train_slices, counts), **common,
             cache_file=run.work / "cache" / "clip_train.pt", progress=log_progress,
             clean=r.data.clip_clean, deadline=deadline,
         )  # fmt: skip
-        D.check_no_validation(run.clip_train.metas, r.data.val_ids)
+        check_no_validation(run.clip_train.metas, r.data.val_ids)
     if r.data.clip_val_masks and val_slices:
         per = dataclasses.replace(counts, masks_per_slice=r.data.clip_val_masks)
-        run.clip_val = D.clip_set(
-            val_slices, D.training_jobs(val_slices, per), **common,
+        run.clip_val = clip_set(
+            val_slices, training_jobs(val_slices, per), **common,
             cache_file=run.work / "cache" / "clip_val.pt",
         )  # fmt: skip
 
@@ -529,12 +349,12 @@ def _stage_clip(run: Run, domain: str) -> None:
         if run.clip_train is not None and cfg.own_set:
             inputs, metas = run.clip_train.inputs[domain], run.clip_train.metas
         else:
-            inputs, metas = D.clip_inputs(run.train, domain), run.train.metas
+            inputs, metas = clip_inputs(run.train, domain), run.train.metas
         val_inputs, val_metas = None, None
         if run.clip_val is not None:
             val_inputs, val_metas = run.clip_val.inputs[domain], run.clip_val.metas
         elif run.val is not None:
-            val_inputs, val_metas = D.clip_inputs(run.val, domain), run.val.metas
+            val_inputs, val_metas = clip_inputs(run.val, domain), run.val.metas
         res = train_clip(
             model, inputs.to(run.device), metas, cfg, domain=domain,
             val_inputs=None if val_inputs is None else val_inputs.to(run.device),
@@ -547,9 +367,9 @@ def _stage_clip(run: Run, domain: str) -> None:
         )  # fmt: skip
     model.eval().requires_grad_(False)
     run.nets[name] = model
-    run.emb[domain] = embed(model, D.clip_inputs(run.train, domain))
+    run.emb[domain] = embed(model, clip_inputs(run.train, domain))
     if run.val is not None:
-        run.emb[f"val_{domain}"] = embed(model, D.clip_inputs(run.val, domain))
+        run.emb[f"val_{domain}"] = embed(model, clip_inputs(run.val, domain))
 
 
 UNET_NAMES = tuple(n for n in NETWORKS if n.startswith("unet_"))
@@ -615,18 +435,18 @@ def _validator(run: Run, domain: str):
     return validate
 
 
-def _domain_data(run: Run, domain: str) -> D.DomainData:
+def _domain_data(run: Run, domain: str) -> DomainData:
     r = run.recipe
     if r.pipeline.mu_source == "nmar" and "NMAR_CT" not in run.train.fields:
-        run.train = D.with_nmar(run.train)
+        run.train = with_nmar(run.train)
     if domain == "image":
         c, a = run.emb["image"]
-        return D.image_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
+        return image_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
     c, a = run.emb["sinogram"]
-    return D.sinogram_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
+    return sinogram_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
 
 
-def _stage_unet(run: Run, domain: str, make_data: Callable[[], D.DomainData]) -> None:
+def _stage_unet(run: Run, domain: str, make_data: Callable[[], DomainData]) -> None:
     name = f"unet_{domain}"
     r = run.recipe
     cfg = getattr(r, domain)
@@ -670,7 +490,7 @@ def _thin(values: Sequence[float], n: int = 200) -> list[list[float]]:
     return out
 
 
-def _stage_residual_data(run: Run) -> D.DomainData:
+def _stage_residual_data(run: Run) -> DomainData:
     t0 = time.monotonic()
     r = run.recipe
     n = min(r.residual_pairs, len(run.train))
@@ -699,7 +519,7 @@ def _stage_residual_data(run: Run) -> D.DomainData:
     dev = run.device
     c, a = run.emb["image"]
     f = run.train.fields
-    data = D.residual_domain(
+    data = residual_domain(
         f["image"][sel.to(f["image"].device)].to(dev), inter["x_p_prime"].to(dev),
         inter["residual"].to(dev), f["mask"][sel.to(f["mask"].device)].to(dev),
         c[sel.to(c.device)], a[sel.to(a.device)], scale=r.pipeline.residual_scale,
@@ -710,7 +530,7 @@ def _stage_residual_data(run: Run) -> D.DomainData:
     return data
 
 
-def _variants(inter: dict[str, torch.Tensor], pairs: D.PairSet) -> list[dict[str, Any]]:
+def _variants(inter: dict[str, torch.Tensor], pairs: PairSet) -> list[dict[str, Any]]:
     """Scores of OSRO variants recomputed from one full run's intermediates (the same
     ``mar_rt.runtime.osro`` formulas): α ∈ {0, ¼, ½, ¾, 1} × residual on/off × Norm² on/off."""
     from mar_rt.runtime import osro

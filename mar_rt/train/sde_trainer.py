@@ -18,7 +18,7 @@ reproduce ε ≈ (x_t − μ)/σ̄_t off the forward marginal lets the reverse c
 after CPU-scale training left exactly that drift (sampled X_p 20–23 dB against LI's 35 dB on
 validation). The ε term trains ε̂ uniformly over t, as denoising score matching does.
 
-Per step: 1. a batch of augmented patches (``mar_rt.train.data.sample_batch``, CPU generator);
+Per step: 1. a batch of augmented patches (``mar_rt.train.augment.sample_batch``, CPU generator);
 2. t, z and the conditioning-dropout draw (device generator); 3. the loss above; 4. AdamW with
 warm-up + cosine learning rate, gradient-norm clipping; 5. EMA of the weights. Every
 ``val_every`` steps (and at the end) a ``validate(ema_model, step)`` callback runs (the recipe
@@ -45,7 +45,8 @@ import torch
 
 from mar_rt.models.sde import Schedule, forward_marginal, ml_loss, posterior_loss
 from mar_rt.models.unet import ConditionalUNet
-from mar_rt.train.data import DomainData, sample_batch
+from mar_rt.train.augment import sample_batch
+from mar_rt.train.domains import DomainData
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,11 @@
 
 Notation (DESIGN.md §3):
 
-    HU        Hounsfield units; μ = (HU/1000 + 1)·μw, μw = 0.192 cm⁻¹, HU clipped at −1000
+    HU        Hounsfield units; μ = (HU/1000 + 1)·μw, μw = ``MU_WATER`` (``mar_rt.ct.units``),
+              HU clipped at −1000
     μ         linear attenuation at 70 keV, cm⁻¹, float32 (416, 416) here, row 0 on top
     slice_id  a stable, file-name-safe name per clean slice, e.g. ``sdl_000321_03_01_011``;
-              the train/validation split is decided on it (``mar_rt.train.data``)
+              the train/validation split is decided on it (``mar_rt.train.split``)
 
 Sources (each returns :class:`CleanSlice` on the 416² grid, same field of view, bilinear with
 antialiasing when shrinking):
@@ -35,14 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.syndeeplesion import read_image
-from mar_rt.ct.units import deeplesion_png_to_hu, hu_to_mu
+from mar_rt.ct.units import deeplesion_png_to_hu, hu_to_mu, mu_to_hu
 from mar_rt.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-GRID = (416, 416)
-"""The SynDeepLesion image grid every slice is resampled to."""
+GRID = FanBeamGeometry.syndeeplesion().image_shape
+"""The SynDeepLesion image grid (416, 416) every slice is resampled to."""
 
 MAX_CLEAN_HU = 2000.0
 """Upper HU clip of non-SynDeepLesion clean slices (μ 0.576 cm⁻¹, below the metal threshold)."""
@@ -148,7 +150,7 @@ def read_npy(
     elif units == "mu":
         if not np.isfinite(arr).all():
             raise BadInputError(f"{path}: contains NaN or inf")
-        hu = (arr / 0.192 - 1.0) * 1000.0
+        hu = mu_to_hu(arr)
         mu = hu_slice_to_mu(hu, str(path))
     else:
         raise BadInputError(f"{path}: units must be 'hu' or 'mu', got {units!r}")

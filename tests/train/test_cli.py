@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mar_rt.train.data import RESERVED_VAL_ID
 from mar_rt.train.phantoms import ellipse_phantom
 from mar_rt.train.sources import CleanSlice, export_sources
+from mar_rt.train.split import RESERVED_VAL_ID
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,8 @@ def test_losses_recorded_for_every_network(smoke_run):
 def test_clip_without_own_set_trains_on_the_unet_pairs(smoke_run, tmp_path):
     import dataclasses
 
-    from mar_rt.train.recipe import recipe_config, train_bundle
+    from mar_rt.train.presets import recipe_config
+    from mar_rt.train.recipe import train_bundle
     from mar_rt.train.sources import load_clean_slices
 
     root, _ = smoke_run

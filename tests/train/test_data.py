@@ -8,15 +8,24 @@ import numpy as np
 import pytest
 import torch
 
+import mar_rt.train.clip_set as clip_set_module
 from mar_rt.ct import units
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.mar import nmar_correct
+from mar_rt.ct.masks import body_outline
 from mar_rt.ct.projector import forward_project
 from mar_rt.ct.syndeeplesion import read_case, read_gt
 from mar_rt.errors import BadInputError
-from mar_rt.train import data as D
+from mar_rt.train.augment import crop_origin, sample_batch, sino_roll_mirror
+from mar_rt.train.clip_set import clip_inputs, clip_set
+from mar_rt.train.data_config import DataConfig, training_jobs
+from mar_rt.train.domains import DomainData, focus_points, image_domain, with_nmar
+from mar_rt.train.implants import TRAIN_SIZE_BINS, draw_implant
+from mar_rt.train.pair_meta import PairMeta, pair_seed
+from mar_rt.train.pairs import generate_pairs, read_pair_folder, simulate_pair
 from mar_rt.train.phantoms import ellipse_phantom
 from mar_rt.train.sources import CleanSlice
+from mar_rt.train.split import RESERVED_VAL_ID, check_no_validation, split_slices
 
 
 def _slice(sid: str, seed: int = 0) -> CleanSlice:
@@ -24,32 +33,32 @@ def _slice(sid: str, seed: int = 0) -> CleanSlice:
 
 
 def test_split_is_deterministic_and_keeps_reserved_out():
-    ids = ["b", D.RESERVED_VAL_ID, "a", "cleanct_000374_06_01_278", "c"]
+    ids = ["b", RESERVED_VAL_ID, "a", "cleanct_000374_06_01_278", "c"]
     slices = [_slice(i) for i in ids]
-    train1, val1 = D.split_slices(slices)
-    train2, val2 = D.split_slices(list(reversed(slices)))
+    train1, val1 = split_slices(slices)
+    train2, val2 = split_slices(list(reversed(slices)))
     assert [s.slice_id for s in train1] == [s.slice_id for s in train2] == ["a", "b", "c"]
-    assert {s.slice_id for s in val1} == {D.RESERVED_VAL_ID, "cleanct_000374_06_01_278"}
+    assert {s.slice_id for s in val1} == {RESERVED_VAL_ID, "cleanct_000374_06_01_278"}
     assert [s.slice_id for s in val1] == [s.slice_id for s in val2]
     # the reserved slice is validation even when the caller names no validation ids
-    train3, val3 = D.split_slices(slices, val_ids=())
-    assert D.RESERVED_VAL_ID not in {s.slice_id for s in train3}
-    assert [s.slice_id for s in val3] == [D.RESERVED_VAL_ID]
+    train3, val3 = split_slices(slices, val_ids=())
+    assert RESERVED_VAL_ID not in {s.slice_id for s in train3}
+    assert [s.slice_id for s in val3] == [RESERVED_VAL_ID]
 
 
 def test_check_no_validation():
-    meta = D.PairMeta(D.RESERVED_VAL_ID, 0, 1, "Ti", 100, "disc", "mild", "chest")
+    meta = PairMeta(RESERVED_VAL_ID, 0, 1, "Ti", 100, "disc", "mild", "chest")
     with pytest.raises(BadInputError):
-        D.check_no_validation([meta])
-    D.check_no_validation([dataclasses.replace(meta, slice_id="a")])
+        check_no_validation([meta])
+    check_no_validation([dataclasses.replace(meta, slice_id="a")])
 
 
 def test_pair_seed_and_jobs():
-    assert D.pair_seed(0, "a", 1) == D.pair_seed(0, "a", 1)
-    assert len({D.pair_seed(0, "a", k) for k in range(50)}) == 50
-    assert D.pair_seed(0, "a", 1) != D.pair_seed(1, "a", 1)
+    assert pair_seed(0, "a", 1) == pair_seed(0, "a", 1)
+    assert len({pair_seed(0, "a", k) for k in range(50)}) == 50
+    assert pair_seed(0, "a", 1) != pair_seed(1, "a", 1)
     slices = [_slice("x"), _slice("phantom_0_000"), _slice("y")]
-    jobs = D.training_jobs(slices, D.DataConfig(masks_per_slice=3, phantom_masks=1))
+    jobs = training_jobs(slices, DataConfig(masks_per_slice=3, phantom_masks=1))
     # k-major: every slice gets its first pair before any slice gets a second
     assert jobs[:3] == [(0, 0, None), (1, 0, None), (2, 0, None)]
     assert sorted(jobs) == sorted([(0, 0, None), (0, 1, None), (0, 2, None), (1, 0, None),
@@ -67,7 +76,7 @@ def test_sinogram_mirror_is_the_mirrored_object(small_geometry):
     img[..., 10:20, 40:44] += 0.3  # break the left-right symmetry
     y = forward_project(img, small_geometry)
     y_mirror = forward_project(torch.flip(img, dims=(-1,)), small_geometry)
-    got = D.sino_roll_mirror(y, 0, True)
+    got = sino_roll_mirror(y, 0, True)
     assert torch.allclose(got, y_mirror, atol=1e-6 * float(y.abs().max()))
 
 
@@ -76,18 +85,18 @@ def test_sinogram_roll_is_the_rotated_object(small_geometry):
     img[..., 10:20, 40:44] += 0.3
     y = forward_project(img, small_geometry)
     y_rot = forward_project(torch.rot90(img, 1, dims=(-2, -1)), small_geometry)
-    got = D.sino_roll_mirror(y, small_geometry.n_views // 4, False)
+    got = sino_roll_mirror(y, small_geometry.n_views // 4, False)
     assert torch.allclose(got, y_rot, atol=1e-6 * float(y.abs().max()))
 
 
-def _domain(kind: str, n: int = 5, size: tuple[int, int] = (40, 48)) -> D.DomainData:
+def _domain(kind: str, n: int = 5, size: tuple[int, int] = (40, 48)) -> DomainData:
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(n, 1, *size, generator=g)
     focus = torch.zeros(n, *size, dtype=torch.bool)
     focus[:, 5:8, 30:33] = True
-    return D.DomainData(
+    return DomainData(
         kind=kind, x0=x0, mu=x0 * 0.5, weight=torch.ones_like(x0),
-        points=D.focus_points(focus), content=torch.arange(n * 3.0).reshape(n, 3),
+        points=focus_points(focus), content=torch.arange(n * 3.0).reshape(n, 3),
         artifact=-torch.arange(n * 3.0).reshape(n, 3),
     )  # fmt: skip
 
@@ -95,8 +104,8 @@ def _domain(kind: str, n: int = 5, size: tuple[int, int] = (40, 48)) -> D.Domain
 @pytest.mark.parametrize("kind", ["image", "sinogram", "residual"])
 def test_sample_batch_is_seeded_and_consistent(kind):
     data = _domain(kind)
-    a = D.sample_batch(data, 6, 16, torch.Generator().manual_seed(3), jitter=0.0)
-    b = D.sample_batch(data, 6, 16, torch.Generator().manual_seed(3), jitter=0.0)
+    a = sample_batch(data, 6, 16, torch.Generator().manual_seed(3), jitter=0.0)
+    b = sample_batch(data, 6, 16, torch.Generator().manual_seed(3), jitter=0.0)
     for key in a:
         assert torch.equal(a[key], b[key])
     assert a["x0"].shape == (6, 1, 16, 16) and a["content"].shape == (6, 3)
@@ -105,34 +114,34 @@ def test_sample_batch_is_seeded_and_consistent(kind):
     # the embeddings belong to the sampled items
     idx = (a["content"][:, 0] / 3).long()
     assert torch.equal(a["artifact"], data.artifact[idx])
-    c = D.sample_batch(data, 6, 16, torch.Generator().manual_seed(4), jitter=0.0)
+    c = sample_batch(data, 6, 16, torch.Generator().manual_seed(4), jitter=0.0)
     assert not torch.equal(a["x0"], c["x0"])
 
 
 def test_sample_batch_focus_and_wrap():
     data = _domain("sinogram")
-    batch = D.sample_batch(data, 4, 8, torch.Generator().manual_seed(0), p_focus=1.0, augment=False)
+    batch = sample_batch(data, 4, 8, torch.Generator().manual_seed(0), p_focus=1.0, augment=False)
     for x in batch["x0"]:
         # every focused crop is centred on the focus block, so it is a crop of the item
         assert any(
             torch.equal(x[0], data.x0[i, 0, r : r + 8, c : c + 8])
             for i in range(len(data)) for r in range(0, 33) for c in range(0, 41)
         )  # fmt: skip
-    r, c = D.crop_origin((40, 48), 16, torch.tensor([[0, 0]], dtype=torch.int32), 1.0,
+    r, c = crop_origin((40, 48), 16, torch.tensor([[0, 0]], dtype=torch.int32), 1.0,
                          torch.Generator(), wrap_rows=True)  # fmt: skip
     assert (r, c) == (40 - 8, 0)
 
 
 def test_generate_pairs_cache_round_trip(tmp_path):
     slices = [CleanSlice("toy_a", ellipse_phantom(11, region="pelvis"), "phantom", "generated")]
-    first = D.generate_pairs(slices, [(0, 0, None)], seed=7, cache_dir=tmp_path)
-    again = D.generate_pairs(slices, [(0, 0, None)], seed=7, cache_dir=tmp_path)
+    first = generate_pairs(slices, [(0, 0, None)], seed=7, cache_dir=tmp_path)
+    again = generate_pairs(slices, [(0, 0, None)], seed=7, cache_dir=tmp_path)
     for name, value in first.fields.items():
         assert torch.equal(value, again.fields[name]), name
     meta = first.metas[0]
     assert meta == again.metas[0]
     assert meta.metal_px == int(first.fields["mask"][0].sum())
-    assert D.TRAIN_SIZE_BINS[0][0] * 0.9 <= meta.metal_px <= D.TRAIN_SIZE_BINS[0][1] * 1.1
+    assert TRAIN_SIZE_BINS[0][0] * 0.9 <= meta.metal_px <= TRAIN_SIZE_BINS[0][1] * 1.1
     # the SynDeepLesion layout, readable by the official-layout readers
     gt = read_gt(tmp_path / "toy_a" / "gt.h5")
     case = read_case(tmp_path / "toy_a" / "0.h5")
@@ -142,24 +151,24 @@ def test_generate_pairs_cache_round_trip(tmp_path):
     m = first.fields["mask"][0]
     assert float(first.fields["ma_CT"][0][m].mean()) > 0.672
     assert meta.artifact_texts() and meta.content_texts()
-    back = D.read_pair_folder(tmp_path)
+    back = read_pair_folder(tmp_path)
     assert back.metas[0].to_dict() == meta.to_dict()
     # without a cache the same seed simulates the same pair (the GPU path keeps pairs in memory)
-    mem = D.generate_pairs(slices, [(0, 0, None)], seed=7)
+    mem = generate_pairs(slices, [(0, 0, None)], seed=7)
     for name, value in first.fields.items():
         assert torch.equal(value, mem.fields[name]), name
     assert mem.metas == first.metas
     # mu_source="nmar": the NMAR pair of each pair's measured sinogram, as nmar_correct makes it
-    nm = D.with_nmar(first)
+    nm = with_nmar(first)
     f = first.fields
     ref = nmar_correct(f["ma_CT"][0], f["mask"][0], FanBeamGeometry.syndeeplesion(),
                        f["ma_sinogram"][0])  # fmt: skip
     torch.testing.assert_close(nm.fields["NMAR_CT"][0], ref["nmar_image"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(nm.fields["NMAR_sinogram"][0], ref["nmar_sinogram"])
-    dom = D.image_domain(nm, torch.zeros(1, 4), torch.zeros(1, 4), mu_source="nmar")
+    dom = image_domain(nm, torch.zeros(1, 4), torch.zeros(1, 4), mu_source="nmar")
     torch.testing.assert_close(dom.mu[0, 0], units.image_to_net(ref["nmar_image"]))
     with pytest.raises(ValueError, match="NMAR_CT"):
-        D.image_domain(first, torch.zeros(1, 4), torch.zeros(1, 4), mu_source="nmar")
+        image_domain(first, torch.zeros(1, 4), torch.zeros(1, 4), mu_source="nmar")
 
 
 def test_clip_set_is_what_dudoclip_sees_of_the_pairs_and_caches(tmp_path, monkeypatch):
@@ -175,12 +184,12 @@ def test_clip_set_is_what_dudoclip_sees_of_the_pairs_and_caches(tmp_path, monkey
     slices = [CleanSlice("toy_a", ellipse_phantom(11, region="pelvis"), "phantom", "generated")]
     jobs = [(0, 0, None), (0, 3, None)]
     cache = tmp_path / "clip.pt"
-    small = D.clip_set(slices, jobs, seed=7, size=32, cache_file=cache, chunk=1)
-    pairs = D.generate_pairs(slices, jobs, seed=7)
+    small = clip_set(slices, jobs, seed=7, size=32, cache_file=cache, chunk=1)
+    pairs = generate_pairs(slices, jobs, seed=7)
     assert small.metas == pairs.metas
     with torch.no_grad():
         for domain in ("image", "sinogram"):
-            full = D.clip_inputs(pairs, domain)
+            full = clip_inputs(pairs, domain)
             assert small.inputs[domain].shape == (2, 1, 32, 32)
             # the tower-size input embeds exactly as the full-size one does
             for a, b in zip(model(small.inputs[domain]), model(full), strict=True):
@@ -189,14 +198,14 @@ def test_clip_set_is_what_dudoclip_sees_of_the_pairs_and_caches(tmp_path, monkey
     def no_simulation(*args, **kwargs):
         raise AssertionError("simulated although the cache holds these pairs")
 
-    monkeypatch.setattr(D, "generate_pairs", no_simulation)
-    again = D.clip_set(slices, jobs, seed=7, size=32, cache_file=cache)
+    monkeypatch.setattr(clip_set_module, "generate_pairs", no_simulation)
+    again = clip_set(slices, jobs, seed=7, size=32, cache_file=cache)
     assert again.metas == small.metas
     for domain, x in small.inputs.items():
         assert torch.equal(again.inputs[domain], x)
     # another seed is another set: the stale cache is not read
     with pytest.raises(AssertionError, match="simulated although"):
-        D.clip_set(slices, jobs, seed=8, size=32, cache_file=cache)
+        clip_set(slices, jobs, seed=8, size=32, cache_file=cache)
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -207,14 +216,14 @@ def test_clip_set_stops_at_its_deadline_after_one_chunk(tmp_path):
         CleanSlice("toy_a", ellipse_phantom(11, region="pelvis"), "phantom", "generated"),
         CleanSlice("toy_b", ellipse_phantom(12, region="chest"), "phantom", "generated"),
     ]
-    cfg = D.DataConfig(masks_per_slice=2, phantoms=0, phantom_masks=2)
-    jobs = D.training_jobs(slices, cfg)
+    cfg = DataConfig(masks_per_slice=2, phantoms=0, phantom_masks=2)
+    jobs = training_jobs(slices, cfg)
     assert jobs == [(0, 0, None), (1, 0, None), (0, 1, None), (1, 1, None)]
     cache = tmp_path / "clip.pt"
-    cut = D.clip_set(slices, jobs, seed=7, size=32, chunk=2, cache_file=cache, deadline=0.0)
+    cut = clip_set(slices, jobs, seed=7, size=32, chunk=2, cache_file=cache, deadline=0.0)
     assert [m.case for m in cut.metas] == ["toy_a/0", "toy_b/0"]
     assert cut.inputs["image"].shape[0] == 2
-    whole = D.clip_set(slices, jobs, seed=7, size=32, chunk=2, cache_file=cache)
+    whole = clip_set(slices, jobs, seed=7, size=32, chunk=2, cache_file=cache)
     assert [m.case for m in whole.metas] == ["toy_a/0", "toy_b/0", "toy_a/1", "toy_b/1"]
     assert torch.equal(whole.inputs["image"][:2], cut.inputs["image"])
 
@@ -225,13 +234,13 @@ def test_clip_set_clean_scan_is_the_simulators_metal_free_scan():
         CleanSlice("toy_b", ellipse_phantom(12, region="chest"), "phantom", "generated"),
     ]
     jobs = [(0, 0, None), (1, 0, None), (0, 1, None)]
-    got = D.clip_set(slices, jobs, seed=7, size=416, chunk=2, clean=True)
+    got = clip_set(slices, jobs, seed=7, size=416, chunk=2, clean=True)
     # chunk 1: a/0, b/0 and both clean scans; chunk 2: a/1 only (a's clean scan is made)
     assert [m.case for m in got.metas] == ["toy_a/0", "toy_b/0", "toy_a/-1", "toy_b/-1", "toy_a/1"]
     for j, (si, meta) in enumerate([(0, got.metas[2]), (1, got.metas[3])]):
         first = got.metas[j]
-        sim = D.simulate_pair(
-            slices[si].image_mu, D.draw_implant(D.body_outline(slices[si].image_mu), first.seed,
+        sim = simulate_pair(
+            slices[si].image_mu, draw_implant(body_outline(slices[si].image_mu), first.seed,
                                                 bin_index=0)[0],
             material=first.material, seed=first.seed, device="cpu",
         )  # fmt: skip

@@ -9,8 +9,8 @@ from mar_rt.ct.syndeeplesion import read_image
 from mar_rt.ct.units import MU_WATER, hu_to_mu
 from mar_rt.errors import BadInputError
 from mar_rt.train import sources
-from mar_rt.train.data import RESERVED_VAL_ID
 from mar_rt.train.phantoms import ellipse_phantom
+from mar_rt.train.split import RESERVED_VAL_ID
 
 
 def test_shared_data_slices(shared_data):

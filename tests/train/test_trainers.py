@@ -11,7 +11,9 @@ import torch
 
 from mar_rt.models.sde import SDEConfig, forward_marginal, make_schedule
 from mar_rt.models.unet import ConditionalUNet, UNetConfig
-from mar_rt.train import data as D
+from mar_rt.train.augment import sample_batch
+from mar_rt.train.domains import DomainData, focus_points
+from mar_rt.train.pair_meta import PairMeta
 from mar_rt.train.sde_trainer import SDETrainConfig, identity_init, train_sde, training_loss
 
 TOY_UNET = UNetConfig(
@@ -21,7 +23,7 @@ TOY_UNET = UNetConfig(
 )  # fmt: skip
 
 
-def _toy_data(n: int = 6, size: int = 32) -> D.DomainData:
+def _toy_data(n: int = 6, size: int = 32) -> DomainData:
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     x0 = torch.stack(
@@ -30,9 +32,9 @@ def _toy_data(n: int = 6, size: int = 32) -> D.DomainData:
     streaks = 0.1 * torch.sin(xx[None, None] * 0.9 + torch.rand(n, 1, 1, 1, generator=g) * 6)
     mask = torch.zeros(n, size, size, dtype=torch.bool)
     mask[:, 14:17, 14:17] = True
-    return D.DomainData(
+    return DomainData(
         kind="image", x0=x0, mu=(x0 + streaks).clamp(0, 1), weight=(~mask).float()[:, None],
-        points=D.focus_points(mask), content=torch.randn(n, 6, generator=g),
+        points=focus_points(mask), content=torch.randn(n, 6, generator=g),
         artifact=torch.randn(n, 6, generator=g),
     )  # fmt: skip
 
@@ -82,7 +84,7 @@ def test_resume_continues_the_same_run(tmp_path):
 def test_loss_falls_on_a_fixed_batch(loss_kind, schedule):
     data = _toy_data()
     unet = _unet()
-    batch = D.sample_batch(data, 4, 16, torch.Generator().manual_seed(0))
+    batch = sample_batch(data, 4, 16, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(unet.parameters(), lr=3e-3)
     losses = []
     for _ in range(100):
@@ -145,7 +147,7 @@ def test_identity_init_with_noise_skip_outputs_the_skip_alone():
 def toy_clip():
     pytest.importorskip("open_clip")
     from mar_rt.models.dudoclip import DuDoCLIP
-    from mar_rt.train.recipe import recipe_config
+    from mar_rt.train.presets import recipe_config
 
     return DuDoCLIP(recipe_config("smoke").clip, seed=0)
 
@@ -204,7 +206,7 @@ def test_clip_training_lowers_the_loss_and_only_moves_the_controller(toy_clip):
         r = int(np.sqrt(size / np.pi) * 64 / 416) + 1
         mask[30 - r : 30 + r, 20 - r : 20 + r] = True
         facts = prompts.describe_metal(mask)
-        metas.append(D.PairMeta(f"s{i}", 0, i, "Ti", int(mask.sum()), "disc", sev, "abdomen",
+        metas.append(PairMeta(f"s{i}", 0, i, "Ti", int(mask.sum()), "disc", sev, "abdomen",
                                 facts.to_dict()))  # fmt: skip
         images.append(torch.full((1, 64, 64), 0.1 * i) + torch.from_numpy(mask).float()[None])
     cfg = ClipTrainConfig(steps=25, batch=4, lr=2e-3, warmup=2, log_every=0, seed=0)
@@ -260,7 +262,7 @@ def test_clip_training_is_reproducible_for_a_seed(toy_clip):
         r = int(np.sqrt(size / np.pi) * 64 / 416) + 1
         mask[20 - r : 20 + r, 30 - r : 30 + r] = True
         facts = prompts.describe_metal(mask)
-        metas.append(D.PairMeta(f"s{i}", 0, i, "Ti", int(mask.sum()), "disc", "mild", "chest",
+        metas.append(PairMeta(f"s{i}", 0, i, "Ti", int(mask.sum()), "disc", "mild", "chest",
                                 facts.to_dict()))  # fmt: skip
         images.append(torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(i)))
     cfg = ClipTrainConfig(steps=6, batch=2, lr=1e-3, warmup=2, log_every=0, seed=5)

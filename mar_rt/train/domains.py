@@ -1,0 +1,152 @@
+"""One domain's training arrays (:class:`DomainData`) made from pairs: image, sinogram and
+residual views at network scale, with loss weights and focus points.
+
+Notation (DESIGN.md §3): x = clip(μ, 0, 0.5)/0.5 and y = clip(p, 0, 4)/4 are the network
+scales (``mar_rt.ct.units``); the pair fields are named in ``pairs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mar_rt.ct import units
+from mar_rt.ct.projector import get_projector
+from mar_rt.train.pairs import GEOMETRY, PairSet
+
+
+@dataclass(eq=False)
+class DomainData:
+    """One domain's training arrays, network scale, all (N, 1, H, W) on one device.
+
+    ``x0`` target, ``mu`` the state the SDE reverts to, ``weight`` per-pixel loss weight,
+    ``points`` per item the (row, col) where focused crops are centred (metal neighbourhood or
+    trace; CPU), ``content``/``artifact`` the frozen DuDoCLIP embeddings (N, D). ``kind``:
+    "image"/"residual" (rotations and flips) or "sinogram" (view rolls and mirrors).
+    """
+
+    kind: str
+    x0: torch.Tensor
+    mu: torch.Tensor
+    weight: torch.Tensor
+    points: list[torch.Tensor]
+    content: torch.Tensor
+    artifact: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+
+def focus_points(focus: torch.Tensor, max_points: int = 4096) -> list[torch.Tensor]:
+    """Per item of bool (N, H, W): up to ``max_points`` (row, col) of its True pixels (CPU
+    int32, evenly strided), where focused crops are centred."""
+    out = []
+    for f in focus.cpu():
+        pts = f.nonzero().to(torch.int32)
+        if len(pts) > max_points:
+            pts = pts[torch.linspace(0, len(pts) - 1, max_points).long()]
+        out.append(pts)
+    return out
+
+
+def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """Binary dilation of bool (N, H, W) by a (2px+1)² square (max pooling)."""
+    if px <= 0:
+        return mask
+    f = F.max_pool2d(mask[:, None].float(), 2 * px + 1, stride=1, padding=px)
+    return f[:, 0] > 0.5
+
+
+_MU_FIELDS = {
+    "image": {"li": "LI_CT", "nmar": "NMAR_CT", "ma": "ma_CT"},
+    "sinogram": {"li": "LI_sinogram", "nmar": "NMAR_sinogram", "ma": "ma_sinogram"},
+}
+
+
+def with_nmar(pairs: PairSet, *, batch: int = 8) -> PairSet:
+    """``pairs`` plus ``NMAR_CT`` and ``NMAR_sinogram`` (DESIGN §6 on each pair's measured
+    ``ma_sinogram``, its LI result and mask), for ``mu_source="nmar"``."""
+    from mar_rt.ct.mar import nmar_from_li
+
+    f = pairs.fields
+    proj = get_projector(GEOMETRY, device=pairs.device, dtype=torch.float32)
+    xs, ys = [], []
+    for i in range(0, len(pairs), batch):
+        sl = slice(i, i + batch)
+        y, x, _ = nmar_from_li(
+            f["ma_sinogram"][sl], f["LI_CT"][sl], f["mask"][sl], f["metal_trace"][sl], proj
+        )
+        xs.append(x)
+        ys.append(y)
+    return PairSet(pairs.metas, {**f, "NMAR_CT": torch.cat(xs), "NMAR_sinogram": torch.cat(ys)})
+
+
+def _mu_field(pairs: PairSet, domain: str, mu_source: str) -> torch.Tensor:
+    name = _MU_FIELDS[domain].get(mu_source)
+    if name is None:
+        raise ValueError(
+            f"mu_source must be one of {sorted(_MU_FIELDS[domain])}, got {mu_source!r}"
+        )
+    if name not in pairs.fields:
+        raise ValueError(f"mu_source {mu_source!r} needs the pairs' {name} (see with_nmar)")
+    return pairs.fields[name]
+
+
+def image_domain(
+    pairs: PairSet, content: torch.Tensor, artifact: torch.Tensor, *, mu_source: str = "li"
+) -> DomainData:
+    """Image domain: μ = x(X_LI) (or x(X_NMAR), x(X_ma)), target x(X), metal pixels
+    weighted 0."""
+    f = pairs.fields
+    mu = _mu_field(pairs, "image", mu_source)
+    mask = f["mask"]
+    return DomainData(
+        kind="image",
+        x0=units.image_to_net(f["image"])[:, None],
+        mu=units.image_to_net(mu)[:, None],
+        weight=(~mask).float()[:, None],
+        points=focus_points(dilate(mask, 24)),
+        content=content,
+        artifact=artifact,
+    )
+
+
+def sinogram_domain(
+    pairs: PairSet, content: torch.Tensor, artifact: torch.Tensor, *,
+    mu_source: str = "li", trace_dilate: int = 3, outside_weight: float = 0.05,
+) -> DomainData:  # fmt: skip
+    """Sinogram domain: μ = y(Y_LI) (or y(Y_NMAR), y(Y_ma)), target y(Y); the loss weight is
+    1 on the trace dilated by ``trace_dilate`` bins and ``outside_weight`` elsewhere, since
+    only the trace survives OSRO's fidelity step (DESIGN §9 calibration)."""
+    f = pairs.fields
+    mu = _mu_field(pairs, "sinogram", mu_source)
+    near = dilate(f["metal_trace"], trace_dilate)
+    weight = torch.where(near, 1.0, outside_weight).float()
+    return DomainData(
+        kind="sinogram",
+        x0=units.sino_to_net(f["poly_sinogram"])[:, None],
+        mu=units.sino_to_net(mu)[:, None],
+        weight=weight[:, None],
+        points=focus_points(f["metal_trace"]),
+        content=content,
+        artifact=artifact,
+    )
+
+
+def residual_domain(
+    image: torch.Tensor, x_p_prime: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor,
+    content: torch.Tensor, artifact: torch.Tensor, *, scale: float,
+) -> DomainData:  # fmt: skip
+    """Residual domain (DESIGN §8 step 3): μ = clip(R/scale, −1, 1) with R = X̃_p − X'_p,
+    target clip((X − X'_p)/scale, −1, 1); metal pixels weighted 0. Inputs (N, H, W) μ."""
+    return DomainData(
+        kind="residual",
+        x0=torch.clamp((image - x_p_prime) / scale, -1.0, 1.0)[:, None],
+        mu=torch.clamp(residual / scale, -1.0, 1.0)[:, None],
+        weight=(~mask).float()[:, None],
+        points=focus_points(dilate(mask, 24)),
+        content=content,
+        artifact=artifact,
+    )
