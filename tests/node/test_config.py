@@ -1,0 +1,51 @@
+"""Node settings: TOML file, CLI flags win, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mar_rt.node.config import Destination, NodeConfigError, build_config
+
+
+def test_flags_win_over_the_toml_file(tmp_path):
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        'aet = "FROMFILE"\nport = 10400\ndest = "PACS@10.0.0.5:104"\nspool = "/tmp/s"\n'
+        'quiet_seconds = 3.5\nallow_aets = ["CT1", "CT2"]\nretry_base_s = 0.5\n'
+    )
+    cfg = build_config(toml, port=11112, quiet_seconds=None, allow_aets=None)
+    assert cfg.aet == "FROMFILE" and cfg.port == 11112  # the flag won, None flags did not
+    assert cfg.dest == Destination("PACS", "10.0.0.5", 104)
+    assert cfg.spool == Path("/tmp/s") and cfg.quiet_seconds == 3.5
+    assert cfg.allow_aets == ("CT1", "CT2") and cfg.retry_base_s == 0.5
+    assert cfg.keep_hours == 24 and cfg.quiet_seconds == 3.5
+
+
+def test_defaults_from_flags_only(tmp_path):
+    cfg = build_config(None, dest="ORTHANC@127.0.0.1:4242", spool=tmp_path)
+    assert (cfg.aet, cfg.port, cfg.quiet_seconds, cfg.keep_hours) == ("MARNODE", 11112, 10, 24)
+    assert str(cfg.dest) == "ORTHANC@127.0.0.1:4242"
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        ({"dest": "ORTHANC:4242", "spool": "/s"}, "AET@host:port"),
+        ({"dest": "O@h:4242"}, "spool is required"),
+        ({"dest": "O@h:99999", "spool": "/s"}, "outside 1–65535"),
+        ({"dest": "O@h:1", "spool": "/s", "aet": "A" * 17}, "not a valid AE title"),
+        ({"dest": "O@h:1", "spool": "/s", "quiet_seconds": -1}, "quiet_seconds"),
+    ],
+)
+def test_bad_settings_are_named(flags, words):
+    with pytest.raises(NodeConfigError, match=words):
+        build_config(None, **flags)
+
+
+def test_unknown_toml_key_names_the_file(tmp_path):
+    toml = tmp_path / "node.toml"
+    toml.write_text('dest = "A@h:1"\nspool = "/s"\nquiet = 3\n')
+    with pytest.raises(NodeConfigError, match=r"node\.toml: unknown setting\(s\) quiet"):
+        build_config(toml)
