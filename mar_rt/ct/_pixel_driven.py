@@ -1,11 +1,6 @@
 """Pixel-driven fan-beam back-projection weights, as sparse-matrix entries (internal to ``ct``).
 
-Notation (lengths in cm; the whole FBP is defined in fbp.py):
-
-    t       R + x·θ                  distance source → pixel along the central ray
-                                     θ = (cos β, sin β), e_u = (sin β, −cos β)
-    u(x)    (R + D)(x·e_u)/t         where the ray through pixel x meets the detector
-    f(x)    (2π/V)/2 · Σ_k R²/t² · q(β_k, u(x))     q linearly interpolated, 0 off the detector
+Notation: fbp.py (t, u(x) and f(x), the back-projection these entries implement).
 """
 
 from __future__ import annotations

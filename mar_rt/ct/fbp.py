@@ -3,12 +3,7 @@
 Notation (lengths in cm, Kak & Slaney ch. 3.4.2 for the equispaced fan):
 
     R, D    source → isocentre, isocentre → detector;  V views β_k;  n bins u_j (physical)
-    a_j     u_j · R/(R + D)          bin centre scaled to the isocentre
-    τ       du · R/(R + D)           bin spacing at the isocentre
-    p'      p · R/√(R² + a²)         cosine pre-weighted sinogram
-    h       Ram-Lak kernel: h[0] = 1/(4τ²), h[odd n] = −1/(π n τ)², h[even n ≠ 0] = 0
-    q       τ · (p' ⊛ h) · window    filtered sinogram, applied by FFT with zero padding to
-                                     P = 2^k ≥ 2n
+    p → q   cosine pre-weighting and windowed Ram-Lak filter (notation in ramp.py)
     t       R + x·θ                  distance source → pixel along the central ray
                                      θ = (cos β, sin β), e_u = (sin β, −cos β)
     u(x)    (R + D)(x·e_u)/t         where the ray through pixel x meets the detector

@@ -1,6 +1,6 @@
 """The FBP's ramp filter: windows, FFT length, cosine pre-weighting (DESIGN.md §4).
 
-Notation (lengths in cm; the whole FBP is defined in fbp.py):
+Notation (lengths in cm; R, D and n as in fbp.py, where the whole FBP is defined):
 
     a_j     u_j · R/(R + D)          bin centre scaled to the isocentre
     τ       du · R/(R + D)           bin spacing at the isocentre
