@@ -107,8 +107,8 @@ def _bad_files(tmp_path):
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("mr.dcm", "modality is 'MR', not CT"),
-        ("norescale.dcm", "no RescaleSlope"),
+        ("mr.dcm", "Modality is 'MR', not CT"),
+        ("norescale.dcm", "without RescaleSlope"),
         ("gray.png", "not a 16-bit DeepLesion slice"),
         ("rect.npy", r"shape \(100, 200\) is not supported"),
         ("mu.npy", "values look like μ"),

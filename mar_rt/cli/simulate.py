@@ -20,7 +20,6 @@ import typer
 
 log = logging.getLogger(__name__)
 
-GRID = (416, 416)
 INPUT_KINDS = (
     ".h5/.hdf5 (gt.h5 'image', μ), .npy (HU or μ, see --units), .png (DeepLesion 16-bit), .dcm"
 )
@@ -35,6 +34,13 @@ class Slice:
     image_mu: np.ndarray
 
 
+def _grid() -> tuple[int, int]:
+    """The SynDeepLesion grid the simulated cases are made on (``mar_rt.ct.masks``)."""
+    from mar_rt.ct.masks import REFERENCE_SHAPE
+
+    return REFERENCE_SHAPE
+
+
 def _case_name(path: Path) -> str:
     parts = [path.parent.parent.name, path.parent.name] if path.stem == "gt" else [path.stem]
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", "_".join(p for p in parts if p)).strip("_-")
@@ -42,20 +48,14 @@ def _case_name(path: Path) -> str:
 
 
 def _resample(image: np.ndarray, path: Path) -> np.ndarray:
-    if image.shape == GRID:
-        return image.astype(np.float32)
+    from mar_rt.ct.resample import resample_images
+
     if image.ndim != 2 or image.shape[0] != image.shape[1] or image.shape[0] < 64:
         raise ValueError(
             f"{path}: image of shape {image.shape} is not supported; give a square 2-D slice "
-            f"(at least 64²), it is resampled to {GRID[0]}×{GRID[1]}"
+            f"(at least 64²), it is resampled to {_grid()[0]}×{_grid()[1]}"
         )
-    import torch
-
-    t = torch.from_numpy(image.astype(np.float32))[None, None]
-    out = torch.nn.functional.interpolate(
-        t, size=GRID, mode="bilinear", align_corners=False, antialias=image.shape[0] > GRID[0]
-    )
-    return out[0, 0].numpy()
+    return resample_images(image.astype(np.float32), _grid())
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -71,25 +71,11 @@ def _read_png(path: Path) -> np.ndarray:
 
 
 def _read_dicom(path: Path) -> np.ndarray:
-    import pydicom
+    """HU of one CT DICOM file, read by the runtime's reader (``mar_rt.runtime.io``)."""
+    from mar_rt.runtime.io import read_dicom
+    from mar_rt.runtime.io.dispatch import stored_hu
 
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as err:  # pydicom raises many types for broken files
-        raise ValueError(f"{path}: unreadable DICOM ({err})") from err
-    modality = getattr(ds, "Modality", None)
-    if modality not in (None, "CT"):
-        raise ValueError(f"{path}: DICOM modality is {modality!r}, not CT")
-    for tag in ("RescaleSlope", "RescaleIntercept"):
-        if tag not in ds:
-            raise ValueError(f"{path}: DICOM has no {tag}; cannot convert to HU")
-    try:
-        pixels = ds.pixel_array.astype(np.float64)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot decode DICOM pixel data ({err})") from err
-    if pixels.ndim != 2:
-        raise ValueError(f"{path}: DICOM pixel data has shape {pixels.shape}, expected one slice")
-    return pixels * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return stored_hu(read_dicom(path))[0]
 
 
 def read_slice(path: Path, units: str) -> np.ndarray:
@@ -154,7 +140,7 @@ def _plan(n_masks: int, groups: list[str], kinds: list[str] | None, seed: int, i
         rng = np.random.default_rng(ss)
         lo, hi = _size_range(groups[k % len(groups)])
         size = int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
-        choices = kinds or suitable_kinds(size, GRID)
+        choices = kinds or suitable_kinds(size, _grid())
         kind = str(choices[int(rng.integers(len(choices)))])
         plan.append((k, mask_seed, noise_seed, size, kind))
     return plan
@@ -258,7 +244,7 @@ def register(app: typer.Typer) -> None:
                 ):
                     try:
                         mask = generate_metal_mask(
-                            GRID, seed=mask_seed, body_mask=body, size_px=size, kind=kind
+                            _grid(), seed=mask_seed, body_mask=body, size_px=size, kind=kind
                         )
                     except ValueError as err:
                         typer.echo(f"warning: {s.source}: mask {k}: {err}; skipped", err=True)

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mar_rt.ct.geometry import FanBeamGeometry
+from mar_rt.ct.resample import resample_images
 from mar_rt.models.sde import SDEConfig
 from mar_rt.runtime.config import PipelineConfig
 from mar_rt.runtime.sampler import ProgressFn
@@ -175,9 +175,7 @@ def _to_grid(mu: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     x = torch.from_numpy(mu)
     if tuple(x.shape) == tuple(shape):
         return x
-    return F.interpolate(
-        x[None, None], size=shape, mode="bilinear", align_corners=False, antialias=True
-    )[0, 0]
+    return resample_images(x, shape)
 
 
 def run_demo(

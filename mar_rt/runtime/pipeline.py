@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mar_rt.ct import units
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.mar import li_inpaint, nmar_from_li, segment_metal
+from mar_rt.ct.resample import resample_images
 from mar_rt.errors import BadInputError, MarRtError
 from mar_rt.export.graphs import clip_graph
 from mar_rt.models.sde import SDEConfig
@@ -772,10 +772,8 @@ def _as_batch(x: Any, name: str, device: torch.device, *, floating: bool = True)
 
 
 def _resample(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resampling (B, H, W) → (B, *shape), same field of view, antialiased."""
-    return F.interpolate(
-        x[:, None], size=shape, mode="bilinear", align_corners=False, antialias=True
-    )[:, 0]
+    """(B, H, W) → (B, *shape), same field of view (``mar_rt.ct.resample``)."""
+    return resample_images(x, shape)
 
 
 def _edge_touching(mask: torch.Tensor) -> list[bool]:

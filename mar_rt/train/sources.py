@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.syndeeplesion import read_image
@@ -72,18 +71,13 @@ def safe_id(*parts: str) -> str:
 
 
 def resample(image: np.ndarray, shape: tuple[int, int] = GRID) -> np.ndarray:
-    """(h, w) → ``shape``, same field of view: bilinear, antialiased when shrinking (float32)."""
+    """(h, w) → ``shape``, same field of view (``mar_rt.ct.resample``; float32)."""
+    from mar_rt.ct.resample import resample_images
+
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim != 2:
         raise BadInputError(f"clean slice must be 2-D, got shape {arr.shape}")
-    if arr.shape == tuple(shape):
-        return arr.copy()
-    t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
-    shrink = arr.shape[0] > shape[0] or arr.shape[1] > shape[1]
-    out = torch.nn.functional.interpolate(
-        t, size=tuple(shape), mode="bilinear", align_corners=False, antialias=shrink
-    )
-    return out[0, 0].numpy()
+    return resample_images(arr, shape)
 
 
 def hu_slice_to_mu(hu: np.ndarray, name: str) -> np.ndarray:
@@ -159,20 +153,18 @@ def read_npy(
 
 
 def read_dicom_slice(path: str | os.PathLike[str]) -> CleanSlice:
-    """A CT DICOM file → μ on the grid (HU from RescaleSlope/Intercept), id ``dicom_<stem>``."""
-    import pydicom
+    """A CT DICOM file → μ on the grid, id ``dicom_<stem>``.
+
+    Read by the runtime's DICOM reader (``mar_rt.runtime.io.read_dicom``: Modality CT,
+    rescale tags required, compressed transfer syntaxes decoded), so training and correction
+    see a file the same way.
+    """
+    from mar_rt.runtime.io import read_dicom
+    from mar_rt.runtime.io.dispatch import stored_hu
 
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array.astype(np.float32)
-    except Exception as err:  # pydicom raises many types for broken files
-        raise BadInputError(f"{path}: unreadable DICOM ({err})") from err
-    if getattr(ds, "Modality", "CT") != "CT":
-        raise BadInputError(f"{path}: Modality {ds.Modality!r} is not CT")
-    slope = float(getattr(ds, "RescaleSlope", 1.0))
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0))
-    mu = hu_slice_to_mu(pixels * slope + intercept, str(path))
+    hu = stored_hu(read_dicom(path))[0]
+    mu = hu_slice_to_mu(hu, str(path))
     return CleanSlice(safe_id("dicom", path.stem), mu, f"DICOM {path}")
 
 
