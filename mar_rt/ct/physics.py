@@ -102,20 +102,56 @@ def mass_attenuation(material: str, energy_kev: float | np.ndarray) -> np.ndarra
     return np.exp(np.interp(np.log(e), np.log(e_tab), np.log(table[:, 1])))
 
 
-def linear_attenuation(material: str, energy_kev: float | np.ndarray) -> np.ndarray:
-    """μ of ``material`` in cm⁻¹ at ``energy_kev`` (mass attenuation × density), float64."""
-    return mass_attenuation(material, energy_kev) * DENSITY[material_name(material)]
+def linear_attenuation(
+    material: str, energy_kev: float | np.ndarray, density: float | None = None
+) -> np.ndarray:
+    """μ of ``material`` in cm⁻¹ at ``energy_kev`` (mass attenuation × density), float64.
+
+    ``density`` in g/cm³ overrides the table density (``DENSITY``) when given.
+    """
+    rho = DENSITY[material_name(material)] if density is None else float(density)
+    if not (np.isfinite(rho) and rho > 0):
+        raise ValueError(f"density of {material_name(material)} must be > 0 g/cm³, got {density}")
+    return mass_attenuation(material, energy_kev) * rho
+
+
+def filtered_spectrum(
+    material: str, thickness_cm: float, spectrum_kev: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The spectrum behind a pre-filter: S(E)·exp(−μ_material(E)·thickness), float64 (n,) each.
+
+    Models extra beam filtration (a copper or water slab in the beam), which hardens the
+    spectrum: the mean energy rises and beam hardening in the object falls. The GE 120 kVp table
+    is the only tube spectrum shipped; filtration is how the simulation varies the spectrum.
+    ``spectrum_kev`` defaults to :func:`spectrum`; ``thickness_cm`` 0 returns it unchanged.
+    """
+    energies, counts = spectrum() if spectrum_kev is None else spectrum_kev
+    if not (np.isfinite(thickness_cm) and thickness_cm >= 0):
+        raise ValueError(f"pre-filter thickness must be ≥ 0 cm, got {thickness_cm}")
+    if thickness_cm == 0:
+        return energies.copy(), counts.copy()
+    return energies.copy(), counts * np.exp(-linear_attenuation(material, energies) * thickness_cm)
+
+
+def mean_energy(spectrum_kev: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Photon-count-weighted mean energy of a spectrum in keV (default: :func:`spectrum`)."""
+    energies, counts = spectrum() if spectrum_kev is None else spectrum_kev
+    return float((energies * counts).sum() / counts.sum())
 
 
 def water_bhc_coefficients(
-    max_thickness_cm: float = 50.0, step_cm: float = 0.05
+    max_thickness_cm: float = 50.0,
+    step_cm: float = 0.05,
+    *,
+    spectrum_kev: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[float, float, float]:
     """Water beam-hardening correction (a1, a2, a3): p_mono ≈ a1·p + a2·p² + a3·p³.
 
     Least-squares fit (no constant term) over water thicknesses t = 0..50 cm in 0.05 cm steps,
-    where p = −ln(Σ_E S(E)·e^{−μw(E)·t} / Σ_E S(E)) and p_mono = μw(70 keV)·t.
+    where p = −ln(Σ_E S(E)·e^{−μw(E)·t} / Σ_E S(E)) and p_mono = μw(70 keV)·t. ``spectrum_kev``
+    (energies, counts) defaults to :func:`spectrum`.
     """
-    energies, counts = spectrum()
+    energies, counts = spectrum() if spectrum_kev is None else spectrum_kev
     mu_e = linear_attenuation("water", energies)
     t = np.arange(0.0, max_thickness_cm + step_cm / 2, step_cm)
     weights = counts / counts.sum()

@@ -27,10 +27,25 @@ Steps:
 
 Noise comes from ``numpy.random.default_rng(seed)`` (drawn on the host), so a seed gives the same
 noise on every device; the metal-free sinogram's noise is drawn first.
+
+Settings (``mar_rt.ct.sim_settings.SimulationSettings``; the defaults are the steps above):
+
+    f          ``upsample``: X is bilinearly upsampled f×, M repeated f×f, and steps 1–2 run on
+               that grid (same field of view and detector), so the projector that makes the
+               data is not the one that reconstructs them
+    K_u, K_v   ``detector_aperture`` (bins) and ``view_aperture`` (views): blurs applied to
+               FP(X_w) and FP(X_b) (and to L with ``aperture_on_metal``) along the detector and
+               along the rotation, before step 3
+    S_f(E)     S(E)·exp(−μ_f(E)·t_f), the pre-filtered spectrum; BHC is fitted to it
+    BHC_b      ``bhc="water+bone"``: after the water BHC, p += (P̂_w + P̂_b) − BHC(poly(P̂_w, P̂_b)),
+               P̂ = FP of the water/bone split of FBP(p) (metal pixels zeroed)
+    N_s(k)     N_s + ``scatter_fraction``·mean_j round(e^{−p_kj}·N0), per view k
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -47,6 +62,8 @@ from mar_rt.ct.mar import (
     li_inpaint,
     resolve_projector,
 )
+from mar_rt.ct.projector import get_projector as shared_projector
+from mar_rt.ct.sim_settings import SimulationSettings
 from mar_rt.ct.units import hu_to_mu
 
 _SDL = FanBeamGeometry.syndeeplesion()
@@ -77,19 +94,27 @@ def trace_edge(trace: torch.Tensor) -> torch.Tensor:
 
 
 def polychromatic(
-    fp_water: torch.Tensor, fp_bone: torch.Tensor, metal_path_cm: torch.Tensor, material: str
+    fp_water: torch.Tensor,
+    fp_bone: torch.Tensor,
+    metal_path_cm: torch.Tensor,
+    material: str,
+    *,
+    spectrum_kev: tuple[np.ndarray, np.ndarray] | None = None,
+    metal_density: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2: (p without metal, p with metal), p = −ln(Σ_E S(E)·e^{−p_w−p_b−p_m} / Σ_E S(E)).
 
     float64. Bins with zero metal path share the metal-free value exactly. A bin whose
     intensity underflows to 0 gets +inf (the noise step turns it into scatter counts).
+    ``spectrum_kev`` (energies, counts) defaults to ``physics.spectrum()``; ``metal_density``
+    (g/cm³) to the table density of ``material``.
     """
-    energies, counts = physics.spectrum()
+    energies, counts = physics.spectrum() if spectrum_kev is None else spectrum_kev
     weights = counts / counts.sum()
     ref = physics.REFERENCE_KEV
     r_w = physics.linear_attenuation("water", energies) / physics.linear_attenuation("water", ref)
     r_b = physics.linear_attenuation("bone", energies) / physics.linear_attenuation("bone", ref)
-    mu_m = physics.linear_attenuation(material, energies)
+    mu_m = physics.linear_attenuation(material, energies, metal_density)
     fw, fb = fp_water.to(torch.float64), fp_bone.to(torch.float64)
     metal = metal_path_cm > 0
     lm = metal_path_cm.to(torch.float64)[metal]
@@ -128,10 +153,115 @@ def expected_counts(p: torch.Tensor, photons: float, scatter: float) -> torch.Te
     return -torch.log((torch.round(torch.exp(-p) * photons) + scatter) / photons)
 
 
-def water_bhc(p: torch.Tensor) -> torch.Tensor:
-    """Step 5: a1·p + a2·p² + a3·p³ with :func:`physics.water_bhc_coefficients`."""
-    a1, a2, a3 = physics.water_bhc_coefficients()
+def water_bhc(
+    p: torch.Tensor, coefficients: tuple[float, float, float] | None = None
+) -> torch.Tensor:
+    """Step 5: a1·p + a2·p² + a3·p³ with ``coefficients`` (default
+    :func:`physics.water_bhc_coefficients` of the unfiltered spectrum)."""
+    a1, a2, a3 = physics.water_bhc_coefficients() if coefficients is None else coefficients
     return p * (a1 + p * (a2 + p * a3))
+
+
+def aperture_kernel(width: float, shape: str = "box") -> np.ndarray:
+    """Taps (odd length, sum 1, float64) of an aperture blur on a unit-spaced sampled signal.
+
+    ``box``: the mean of the linearly interpolated signal over a window ``width`` samples wide,
+    k[n] = (1/w)∫_{−w/2}^{w/2} Λ(n − s) ds, Λ the unit hat (exact, in closed form); width 0
+    gives [1]. ``gaussian``: exp(−n²/2σ²) normalised, FWHM = ``width`` samples.
+    """
+    if not (math.isfinite(width) and width >= 0):
+        raise ValueError(f"aperture width must be ≥ 0 samples, got {width}")
+    if width == 0:
+        return np.ones(1)
+    if shape == "gaussian":
+        sigma = width / (2 * math.sqrt(2 * math.log(2)))
+        n = np.arange(-math.ceil(4 * sigma), math.ceil(4 * sigma) + 1, dtype=np.float64)
+        k = np.exp(-0.5 * (n / sigma) ** 2)
+        return k / k.sum()
+    if shape != "box":
+        raise ValueError(f"aperture shape must be 'box' or 'gaussian', got {shape!r}")
+    half = width / 2
+    reach = math.ceil(half + 1) - 1  # Λ(n − s) > 0 somewhere on |s| ≤ w/2 only for |n| ≤ reach
+    n = np.arange(-reach, reach + 1, dtype=np.float64)
+
+    def hat_integral(t: np.ndarray) -> np.ndarray:
+        """∫_{−∞}^{t} Λ(s) ds."""
+        t = np.clip(t, -1.0, 1.0)
+        return np.where(t < 0, 0.5 * (1 + t) ** 2, 1 - 0.5 * (1 - t) ** 2)
+
+    k = (hat_integral(half - n) - hat_integral(-half - n)) / width
+    return k / k.sum()
+
+
+def blur_sinograms(
+    sino: torch.Tensor, detector_taps: np.ndarray, view_taps: np.ndarray
+) -> torch.Tensor:
+    """Convolve (…, V, D) sinograms with ``detector_taps`` along D (zero outside the detector)
+    and ``view_taps`` along V (circular: the views cover a full turn)."""
+    out = sino
+    if detector_taps.size > 1:
+        k = torch.as_tensor(detector_taps, dtype=sino.dtype, device=sino.device)
+        x = out.reshape(-1, 1, out.shape[-1])
+        x = torch.nn.functional.conv1d(x, k.flip(0)[None, None], padding=k.numel() // 2)
+        out = x.reshape(sino.shape)
+    if view_taps.size > 1:
+        half = view_taps.size // 2
+        out = sum(
+            float(w) * torch.roll(out, shifts=half - i, dims=-2) for i, w in enumerate(view_taps)
+        )
+    return out
+
+
+def upsample_image(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(…, H, W) → (…, f·H, f·W) by bilinear interpolation over the same field (pixel areas
+    aligned: ``align_corners=False``)."""
+    flat = x.reshape(-1, 1, *x.shape[-2:])
+    up = torch.nn.functional.interpolate(
+        flat, scale_factor=factor, mode="bilinear", align_corners=False
+    )
+    return up.reshape(*x.shape[:-2], *up.shape[-2:])
+
+
+def upsample_mask(m: torch.Tensor, factor: int) -> torch.Tensor:
+    """(…, H, W) bool → (…, f·H, f·W), each pixel repeated f×f (the metal area is kept)."""
+    return m.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def bone_bhc(
+    p_water_corrected: torch.Tensor,
+    mask: torch.Tensor,
+    proj: Any,
+    filter: str,
+    spectrum_kev: tuple[np.ndarray, np.ndarray],
+    coefficients: tuple[float, float, float],
+) -> torch.Tensor:
+    """The water + bone correction (Joseph & Spital 1978) of water-corrected line integrals.
+
+    1. X̂ = FBP(p), split into water and bone maps (step 1, metal pixels zeroed);
+    2. P̂_w, P̂_b = FP of each (line integrals at 70 keV);
+    3. p + (P̂_w + P̂_b) − BHC(poly(P̂_w, P̂_b)): the polychromatic error the water-only
+       correction leaves, estimated from the image. float64 in, float64 out.
+    """
+    sino_shape = proj.geometry.sino_shape
+    flat = p_water_corrected.reshape(-1, *sino_shape)
+    first = fbp_with(proj, flat, filter).to(torch.float64)
+    water, bone = split_materials(first, mask.reshape(-1, *mask.shape[-2:]))
+    both = forward_with(proj, torch.cat([water, bone])).to(torch.float64)
+    est_w, est_b = both.chunk(2)
+    poly, _ = polychromatic(est_w, est_b, torch.zeros_like(est_w), "Ti", spectrum_kev=spectrum_kev)
+    delta = est_w + est_b - water_bhc(poly, coefficients)
+    return p_water_corrected + delta.reshape(p_water_corrected.shape)
+
+
+def scatter_counts(
+    p: torch.Tensor, photons: float, scatter: float, fraction: float
+) -> float | torch.Tensor:
+    """N_s per bin: ``scatter`` photons, plus ``fraction`` of each view's mean primary counts
+    round(e^{−p}·N0) (float64 (…, V, 1)) when ``fraction`` > 0."""
+    if fraction == 0:
+        return scatter
+    primary = torch.round(torch.exp(-p) * photons).mean(dim=-1, keepdim=True)
+    return scatter + fraction * primary
 
 
 def simulate_metal_artifact(
@@ -139,35 +269,47 @@ def simulate_metal_artifact(
     mask: Any,
     *,
     geometry: FanBeamGeometry = _SDL,
-    material: str = "Ti",
+    material: str | None = None,
     seed: int | np.random.SeedSequence = 0,
-    photons: float = 2e7,
-    scatter: float = 20.0,
+    photons: float | None = None,
+    scatter: float | None = None,
     noise: bool = True,
-    filter: str = "ram-lak",
+    filter: str | None = None,
     projector: Any | None = None,
     allow_edge: bool = False,
+    settings: SimulationSettings | None = None,
 ) -> dict[str, torch.Tensor]:
     """Simulate a metal-affected scan of ``image_mu`` with implant ``mask`` (DESIGN §5 steps 1–6).
 
     ``image_mu`` (H, W) or (B, H, W), μ in cm⁻¹ at 70 keV (numpy or torch); ``mask`` bool of the
-    same shape; ``material`` one of ``physics.METALS``. ``noise=False`` uses the expected
-    counts instead of Poisson draws. ``projector`` (a ``mar_rt.ct.projector.Projector`` for
-    ``geometry``) is reused when given; otherwise the shared one on the image's device.
+    same shape. ``settings`` (default ``SimulationSettings()``, the protocol) holds the physics
+    (spectrum filtration, resolution, BHC, photons and scatter, partial volume, FBP kernel, metal
+    and density); ``material`` (one of ``physics.METALS``), ``photons``, ``scatter`` and
+    ``filter``, when given, override the fields of the same name. ``noise=False`` uses the
+    expected counts instead of Poisson draws. ``projector`` (a
+    ``mar_rt.ct.projector.Projector`` for ``geometry``) is reused when given; otherwise the shared
+    one on the image's device. With ``settings.upsample`` f > 1 the data are projected by the
+    shared projector of the f× finer grid (same detector, same dtype and device).
 
     Returns float32 tensors on the projector's device, with the official names ``image``,
     ``poly_sinogram``, ``poly_CT``, ``ma_sinogram``, ``ma_CT``, ``LI_sinogram``, ``LI_CT``,
-    plus bool ``metal_trace`` and ``mask``. Deterministic for a given seed.
+    plus bool ``metal_trace`` and ``mask`` (on the reconstruction grid). Deterministic for a given
+    seed.
 
     ValueError: shapes that do not match the geometry or each other, NaN/inf, an empty mask,
-    metal on the image edge (unless ``allow_edge``), an unknown or non-metal material.
+    metal on the image edge (unless ``allow_edge``), an unknown or non-metal material, invalid
+    settings.
     """
-    metal = physics.material_name(material)
-    if metal not in physics.METALS:
-        raise ValueError(
-            f"material {material!r} is not an implant metal; choose one of "
-            f"{', '.join(physics.METALS)}"
-        )
+    overrides = {
+        k: v
+        for k, v in (("material", material), ("photons", photons), ("scatter", scatter))
+        if v is not None
+    }
+    if filter is not None:
+        overrides["filter"] = filter
+    cfg = SimulationSettings() if settings is None else settings
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
     x = as_tensor(image_mu, "image_mu")
     geometry.check_image(tuple(x.shape), "image_mu")
     check_finite(x, "image_mu")
@@ -180,35 +322,70 @@ def simulate_metal_artifact(
         raise ValueError("mask has no metal pixels (in at least one slice); nothing to simulate")
     if not allow_edge:
         check_mask_edge(m)
-    if not (photons > 0 and scatter >= 0):
-        raise ValueError(f"photons must be > 0 and scatter ≥ 0, got {photons}, {scatter}")
     proj = resolve_projector(geometry, projector, x.device)
     rng = np.random.default_rng(seed)
+    spectrum_kev = physics.filtered_spectrum(cfg.prefilter_material, cfg.prefilter_cm)
+    bhc_coefficients = physics.water_bhc_coefficients(spectrum_kev=spectrum_kev)
 
-    # 1. materials; 2. one projection each of water, bone and metal (one batched call)
+    # 1. materials; 2. one projection each of water, bone and metal (one batched call), on the
+    # f× grid when upsampling, then the detector and view apertures
     x = x.to(device=proj.device, dtype=torch.float64)
     m = m.to(proj.device)
-    water, bone = split_materials(x, m)
-    hw = x.shape[-2:]
-    stacked = torch.stack([water, bone, m.to(torch.float64)]).reshape(-1, *hw)
-    fp_w, fp_b, path = (
-        forward_with(proj, stacked).reshape(3, *x.shape[:-2], *geometry.sino_shape).unbind(0)
-    )
+    xs, ms, data_proj = x, m, proj
+    if cfg.upsample > 1:
+        f = cfg.upsample
+        fine = geometry.with_image_size(geometry.n_rows * f, geometry.n_cols * f)
+        data_proj = shared_projector(fine, device=proj.device, dtype=proj.dtype)
+        xs, ms = upsample_image(x, f), upsample_mask(m, f)
+    water, bone = split_materials(xs, ms)
+    hw = xs.shape[-2:]
+    stacked = torch.stack([water, bone, ms.to(torch.float64)]).reshape(-1, *hw)
+    fp = forward_with(data_proj, stacked)
+    fp_w, fp_b, path = fp.reshape(3, *x.shape[:-2], *geometry.sino_shape).unbind(0)
+    if not cfg.is_protocol_resolution:
+        taps = (
+            aperture_kernel(cfg.detector_aperture, cfg.aperture_shape),
+            aperture_kernel(cfg.view_aperture),
+        )
+        fp_w, fp_b = blur_sinograms(torch.stack([fp_w, fp_b]), *taps).unbind(0)
+        if cfg.aperture_on_metal:
+            path = blur_sinograms(path, *taps)
     trace = path > 0
     # 3. partial volume on the trace edge
-    path = torch.where(trace_edge(trace), path / PARTIAL_VOLUME_DIVISOR, path)
+    if cfg.partial_volume:
+        path = torch.where(trace_edge(trace), path / PARTIAL_VOLUME_DIVISOR, path)
     path = torch.where(trace, path, torch.zeros_like(path))
-    p_poly, p_ma = polychromatic(fp_w, fp_b, path, metal)
-    # 4. noise; 5. water beam-hardening correction
+    p_poly, p_ma = polychromatic(
+        fp_w, fp_b, path, cfg.material, spectrum_kev=spectrum_kev, metal_density=cfg.metal_density
+    )
+    # 4. noise (scatter photons included); 5. beam-hardening correction
+    n0 = cfg.photons
+    scat = [scatter_counts(p, n0, cfg.scatter, cfg.scatter_fraction) for p in (p_poly, p_ma)]
     if noise:
-        p_poly, p_ma = (add_noise(p, rng, photons, scatter) for p in (p_poly, p_ma))
+        p_poly, p_ma = (
+            add_noise(p, rng, n0, s if isinstance(s, float) else s.cpu().numpy())
+            for p, s in zip((p_poly, p_ma), scat, strict=True)
+        )
     else:
-        p_poly, p_ma = (expected_counts(p, photons, scatter) for p in (p_poly, p_ma))
-    poly_sino, ma_sino = water_bhc(p_poly).to(proj.dtype), water_bhc(p_ma).to(proj.dtype)
+        p_poly, p_ma = (
+            expected_counts(p, n0, s) for p, s in zip((p_poly, p_ma), scat, strict=True)
+        )
+    if cfg.bhc == "none":
+        poly_sino, ma_sino = p_poly.to(proj.dtype), p_ma.to(proj.dtype)
+    else:
+        p_poly, p_ma = water_bhc(p_poly, bhc_coefficients), water_bhc(p_ma, bhc_coefficients)
+        if cfg.bhc == "water+bone":
+            p_poly, p_ma = (
+                bone_bhc(p, m, proj, cfg.filter, spectrum_kev, bhc_coefficients)
+                for p in (p_poly, p_ma)
+            )
+        poly_sino, ma_sino = p_poly.to(proj.dtype), p_ma.to(proj.dtype)
     # 6. outputs (one batched FBP)
     li_sino = li_inpaint(ma_sino, trace)
     recon = fbp_with(
-        proj, torch.stack([poly_sino, ma_sino, li_sino]).reshape(-1, *geometry.sino_shape), filter
+        proj,
+        torch.stack([poly_sino, ma_sino, li_sino]).reshape(-1, *geometry.sino_shape),
+        cfg.filter,
     )
     poly_ct, ma_ct, li_ct = recon.reshape(3, *x.shape).unbind(0)
     f32 = torch.float32
