@@ -11,6 +11,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 SDL_TRAIN = SHARED_DATA / "syndeeplesion" / "train"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_artifact_cache(tmp_path_factory):
+    """ONNX exports and engines built by the tests go to a session folder ($MAR_RT_CACHE),
+    never to the user's ~/.cache/mar-rt."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MAR_RT_CACHE", str(tmp_path_factory.getbasetemp() / "mar-rt-cache"))
+    yield
+    patch.undo()
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (the shared/ folder beside the checkout)")

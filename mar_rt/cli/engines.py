@@ -1,5 +1,9 @@
 """`mar-rt build-engines`: export a bundle's graphs to ONNX, verify them, and build (or find
-in the cache) the engine set for this machine (``mar_rt.export.build``)."""
+in the cache) the engine set for this machine (``mar_rt.export.build``).
+
+ONNX files and engines go to the per-user cache (``$MAR_RT_CACHE``, else
+``$XDG_CACHE_HOME/mar-rt``, else ``~/.cache/mar-rt``), where ``mar-rt run`` finds them; the
+bundle folder is only read, so an installed (read-only) bundle works."""
 
 from __future__ import annotations
 
@@ -34,7 +38,11 @@ def build_engines_command(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Folder for onnx/ and engines/ (default: inside the bundle)."),
+        typer.Option(
+            "--out",
+            help="Folder for onnx/ and engines/ (default: the per-user cache, $MAR_RT_CACHE or "
+            "$XDG_CACHE_HOME/mar-rt, where mar-rt run looks; the bundle itself is never written).",
+        ),
     ] = None,
     device: Annotated[
         str | None,

@@ -1,9 +1,15 @@
 """``mar-rt build-engines``: export what is missing, verify, build, write the manifests.
 
+Where: the bundle's artefact folder in the per-user cache (``mar_rt.export.cache``:
+``$MAR_RT_CACHE`` or ``$XDG_CACHE_HOME/mar-rt``, ``bundles/<name>-<sha16>/{onnx,engines}``),
+or ``out``.  Nothing is written into the bundle folder, which may be read-only (an installed
+package); the runtime finds the artefacts again with :func:`find_artifacts`.
+
 Steps for one bundle, backend, precision and batch profile:
 
 1. ONNX: ``export_bundle`` re-exports only graphs whose file is missing or changed, whose
-   weights changed, or whose export settings changed; each new export is verified.
+   weights changed, or whose export settings changed; each new export is verified.  A cache
+   folder without an export starts from the bundle's own ``onnx/`` when it ships one.
 2. fp16: the fp16 variants are (re)converted when the build parses them (ONNX Runtime fp16;
    TensorRT 11.x fp16; TensorRT 10.x fp16 with ``strongly_typed``).
 3. Key: ``EngineKey`` of this machine + the ONNX hashes → ``engines/<key>/``.  If that folder
@@ -11,7 +17,8 @@ Steps for one bundle, backend, precision and batch profile:
    is built (sha256s, not mtimes, decide).
 4. Build into a temporary folder beside it, reusing (after a hash check) the engine of any
    graph whose per-graph inputs did not change from another set of the same machine and
-   settings; write ``manifest.json``; rename the folder into place.
+   settings (in this folder or, for the cache, another bundle's: a retrained network rebuilds
+   only its own graphs); write ``manifest.json``; rename the folder into place.
 """
 
 from __future__ import annotations
@@ -32,14 +39,21 @@ from mar_rt.export.cache import (
     BUILD_LOG,
     EngineKey,
     EngineSet,
+    artifacts_dir,
     read_engine_set,
     read_verified,
     sha256_file,
     write_engine_manifest,
 )
-from mar_rt.export.onnx_export import ONNX_DIR, ExportOptions, export_bundle, read_onnx_manifest
+from mar_rt.export.onnx_export import (
+    ONNX_DIR,
+    ONNX_MANIFEST,
+    ExportOptions,
+    export_bundle,
+    read_onnx_manifest,
+)
 
-__all__ = ["BACKENDS", "BuildSummary", "build_engines", "ENGINES_DIR"]
+__all__ = ["BACKENDS", "BuildSummary", "ENGINES_DIR", "build_engines", "find_artifacts"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +76,41 @@ class BuildSummary:
     reused: tuple[str, ...] = ()
     reports: Mapping[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+def find_artifacts(bundle_folder: str | os.PathLike) -> Path | None:
+    """The folder whose ``onnx/`` and ``engines/`` the runtime reads for a bundle: its cache
+    folder (``cache.artifacts_dir``) when that holds an ONNX export, else the bundle folder
+    when it holds one itself, else None (nothing exported: only torch can run the bundle)."""
+    bundle_folder = Path(bundle_folder)
+    candidates = [bundle_folder]
+    if (bundle_folder / "bundle.json").is_file():
+        candidates.insert(0, artifacts_dir(bundle_folder))
+    for folder in candidates:
+        if (folder / ONNX_DIR / ONNX_MANIFEST).is_file():
+            return folder
+    return None
+
+
+def _seed_onnx(bundle_folder: Path, root: Path) -> None:
+    """Start an artefact folder without an export from the bundle's own ``onnx/`` (copied
+    whole, then renamed into place); ``export_bundle`` then re-checks every file's hash."""
+    source = bundle_folder / ONNX_DIR
+    target = root / ONNX_DIR
+    if (target / ONNX_MANIFEST).is_file() or not (source / ONNX_MANIFEST).is_file():
+        return
+    if source.resolve() == target.resolve():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{ONNX_DIR}.seed-"))
+    try:
+        shutil.copytree(source, tmp / ONNX_DIR)
+        if target.exists():  # an export without a manifest: unusable, replaced
+            shutil.rmtree(target)
+        os.replace(tmp / ONNX_DIR, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("ONNX export of %s copied from the bundle to %s", bundle_folder, target)
 
 
 def _onnx_map(onnx_dir: Path, precision: str) -> dict[str, str]:
@@ -91,13 +140,13 @@ def _check_hit(folder: Path, key: EngineKey) -> EngineSet | None:
     return found
 
 
-def _reusable(root: Path, key: EngineKey) -> dict[str, tuple[Path, str]]:
-    """graph → (engine file, sha256) from other sets whose key equals ``key`` except for other
-    graphs' ONNX hashes (same machine, versions, precision, batch, options, same ONNX)."""
+def _reusable(roots: list[Path], key: EngineKey) -> dict[str, tuple[Path, str]]:
+    """graph → (engine file, sha256) from other sets under ``roots`` whose key equals ``key``
+    except for other graphs' ONNX hashes (same machine, versions, precision, batch, options,
+    same ONNX)."""
     out: dict[str, tuple[Path, str]] = {}
-    if not root.is_dir():
-        return out
-    for folder in sorted(root.iterdir()):
+    folders = [f for root in roots if root.is_dir() for f in sorted(root.iterdir())]
+    for folder in folders:
         if not folder.is_dir() or folder.name.startswith("."):
             continue
         try:
@@ -148,7 +197,8 @@ def build_engines(
         batch: the batch size engines are tuned for (TensorRT profile opt).
         max_batch: the largest batch accepted (default: max(batch, 2) for TensorRT, the ONNX
             files' limit for ONNX Runtime).
-        out: folder receiving ``onnx/`` and ``engines/`` (default: the bundle folder).
+        out: folder receiving ``onnx/`` and ``engines/`` (default: the bundle's folder in the
+            per-user cache, ``cache.artifacts_dir``; never the bundle folder itself).
         force: re-export and rebuild even when current.
         device: ONNX Runtime device ``cpu`` / ``cuda`` (default: cuda when the CUDA provider
             is installed). TensorRT always builds for CUDA device 0.
@@ -168,7 +218,8 @@ def build_engines(
     if precision not in ("fp32", "fp16"):
         raise EngineMismatchError(f"precision must be fp32 or fp16, got {precision!r}")
     bundle = load_bundle(bundle_path)
-    root = Path(out) if out is not None else Path(bundle_path)
+    root = Path(out) if out is not None else artifacts_dir(bundle_path)
+    _seed_onnx(Path(bundle_path), root)
     onnx_dir = root / ONNX_DIR
     engines_root = root / ENGINES_DIR
     graphs = list(bundle_graph_names(bundle))
@@ -264,7 +315,10 @@ def build_engines(
     # 4. build
     engines_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=engines_root, prefix=f".{final.name}.build-"))
-    reuse = {} if force else _reusable(engines_root, key)
+    roots = [engines_root]
+    if out is None:  # the cache: other bundles' sets too (a retrained network's siblings)
+        roots += [p / ENGINES_DIR for p in sorted(root.parent.iterdir()) if p != root]
+    reuse = {} if force else _reusable(roots, key)
     manifest = read_onnx_manifest(onnx_dir)
     section = manifest["graphs" if onnx_precision == "fp32" else "fp16"]
     entries: dict[str, dict[str, Any]] = {}

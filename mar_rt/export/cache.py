@@ -20,6 +20,19 @@ Loading is refused (``EngineMismatchError``, naming what differs) when the manif
 the expected one — a folder copied from another GPU or renamed — and before any engine file
 is read its sha256 is checked against the manifest; a folder holding files its manifest does
 not list is refused as a whole (TensorRT plans can carry plugins, i.e. code).
+
+Where the per-machine artefacts live.  An *artefact folder* holds ``onnx/`` and ``engines/``.
+``mar-rt build-engines`` writes one per bundle into the per-user cache, never into the bundle
+(which may sit read-only in site-packages)::
+
+    cache_root()                   $MAR_RT_CACHE, else $XDG_CACHE_HOME/mar-rt, else ~/.cache/mar-rt
+      bundles/<name>-<sha16>/      artifacts_dir(bundle); sha16: the first 16 hex of the sha256
+        onnx/  engines/<key>/      of the bundle's bundle.json (which pins every weight's sha256)
+
+``--out DIR`` (``build_engines(out=DIR)``) writes ``DIR/onnx`` and ``DIR/engines`` instead.  The
+runtime (``mar_rt.export.build.find_artifacts``) reads the cache folder when it holds an ONNX
+export, else the bundle folder itself (a bundle that carries its own ``onnx/``, or one built
+with ``--out`` pointing at it).
 """
 
 from __future__ import annotations
@@ -44,8 +57,12 @@ from mar_rt.models.bundle import sha256_file
 __all__ = [
     "ENGINE_FORMAT",
     "ENGINE_MANIFEST",
+    "CACHE_ENV",
     "EngineKey",
     "EngineSet",
+    "artifacts_dir",
+    "bundle_sha256",
+    "cache_root",
     "find_engine_set",
     "read_engine_set",
     "read_verified",
@@ -59,6 +76,9 @@ log = logging.getLogger(__name__)
 
 ENGINE_FORMAT = 1
 ENGINE_MANIFEST = "manifest.json"
+CACHE_ENV = "MAR_RT_CACHE"
+"""Environment variable naming the per-user artefact cache (overrides XDG_CACHE_HOME)."""
+BUNDLES_DIR = "bundles"
 BUILD_LOG = "build.log"
 # Files an engine folder may hold besides the ones its manifest lists.
 _UNLISTED_OK = frozenset({ENGINE_MANIFEST, BUILD_LOG})
@@ -117,6 +137,39 @@ def read_json(path: Path, *, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise EngineMismatchError(f"{what} {path} is not a JSON object")
     return data
+
+
+# --------------------------------------------------------------------------- where artefacts live
+def cache_root() -> Path:
+    """The per-user artefact cache: ``$MAR_RT_CACHE``, else ``$XDG_CACHE_HOME/mar-rt``, else
+    ``~/.cache/mar-rt`` (the XDG base-directory default).  Not created here."""
+    explicit = os.environ.get(CACHE_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "mar-rt"
+
+
+def bundle_sha256(bundle_folder: str | os.PathLike) -> str:
+    """sha256 of ``bundle_folder/bundle.json``: it lists every weight file's sha256, so equal
+    digests mean the same networks, configs and pipeline section."""
+    path = Path(bundle_folder) / "bundle.json"
+    if not path.is_file():
+        raise EngineMismatchError(f"{bundle_folder} is not a bundle folder (no bundle.json)")
+    return sha256_file(path)
+
+
+def artifacts_dir(
+    bundle_folder: str | os.PathLike, *, root: str | os.PathLike | None = None
+) -> Path:
+    """The cache's artefact folder of a bundle: ``<root>/bundles/<name>-<sha16>`` (``root``
+    default: :func:`cache_root`).  The name is the bundle folder's, for people reading the
+    cache; the sha256 of ``bundle.json`` is what keys it."""
+    folder = Path(bundle_folder).resolve()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", folder.name).strip("._")[:40] or "bundle"
+    base = Path(root) if root is not None else cache_root()
+    return base / BUNDLES_DIR / f"{name}-{bundle_sha256(folder)[:16]}"
 
 
 # --------------------------------------------------------------------------- the key
@@ -351,6 +404,7 @@ def find_engine_set(
     *,
     batch: int | None = None,
     onnx_sha256_for: Callable[[Mapping[str, Any]], Mapping[str, str]] | None = None,
+    bundle: str | os.PathLike | None = None,
 ) -> EngineSet:
     """The engine set under ``root`` that fits ``wanted`` and covers ``batch``.
 
@@ -360,13 +414,14 @@ def find_engine_set(
     ``onnx_sha256_for(its options)`` (the ONNX variant a build parsed depends on its options).
     Among several fits, the one whose opt batch is nearest ``batch`` wins.
 
-    Raises EngineMismatchError saying, for every set found, what differs — or that none exists.
+    Raises EngineMismatchError saying, for every set found, what differs — or that none exists
+    (with the build command for ``bundle``, default: the folder above ``root``).
     """
     root = Path(root)
     need = wanted.batch[1] if batch is None else int(batch)
     hint = (
-        f"build them with: mar-rt build-engines --bundle {root.parent} --backend {wanted.backend} "
-        f"--precision {wanted.precision}"
+        f"build them with: mar-rt build-engines --bundle {bundle or root.parent} "
+        f"--backend {wanted.backend} --precision {wanted.precision}"
     )
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not folders:

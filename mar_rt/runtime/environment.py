@@ -236,7 +236,7 @@ def _unavailable(env: EnvInfo, backend: str, onnx_available: bool) -> str | None
     """Why ``backend`` cannot run here, or None when it can."""
     needs_onnx = backend in ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
     if needs_onnx and not onnx_available:
-        return "the bundle has no ONNX export"
+        return "the bundle has no ONNX export (mar-rt build-engines writes one to the cache)"
     if backend == "tensorrt":
         if env.tensorrt_version is None:
             return "tensorrt is not installed"

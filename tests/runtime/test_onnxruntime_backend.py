@@ -23,7 +23,8 @@ from tests.export._export_bundles import SMALL, exported_micro_bundle
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A copy of the exported micro bundle with an ONNX Runtime CPU engine set, fp32 + fp16."""
+    """A copy of the exported micro bundle with an ONNX Runtime CPU engine set, fp32 + fp16,
+    built into the bundle folder itself (``out=``), so each test can copy and edit it."""
     dst = tmp_path_factory.mktemp("ort-backend") / "bundle"
     shutil.copytree(exported_micro_bundle(tmp_path_factory), dst)
     for precision in ("fp32", "fp16"):
@@ -32,9 +33,16 @@ def built(tmp_path_factory):
             backend="onnxruntime",
             precision=precision,
             device="cpu",
+            out=dst,
             export_options=ExportOptions(verify=False),
         )
     return dst
+
+
+@pytest.fixture(autouse=True)
+def empty_cache(tmp_path, monkeypatch):
+    """An empty per-user cache: the backends read what the bundle folder holds."""
+    monkeypatch.setenv("MAR_RT_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -13,6 +13,7 @@ import importlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -189,10 +190,19 @@ class BackendChoice:
 
 
 def resolve_backend(
-    requested: str = "auto", *, device: str | None = None, onnx_available: bool = True
+    requested: str = "auto",
+    *,
+    device: str | None = None,
+    bundle: str | Path | None = None,
+    onnx_available: bool | None = None,
 ) -> BackendChoice:
     """Map ``auto`` / ``tensorrt`` / ``onnxruntime`` / ``torch`` (or the ``-cpu`` / ``-cuda``
     names of ``mar_rt.runtime.environment``) to a runnable backend and device.
+
+    ``onnx_available`` says whether the bundle has an ONNX export (tensorrt and onnxruntime
+    need one); by default it is looked up for ``bundle`` where the backends will read it (the
+    per-user cache that ``mar-rt build-engines`` writes, else the bundle folder:
+    ``mar_rt.export.build.find_artifacts``), and assumed without a ``bundle``.
 
     Candidates are tried along ``environment.FALLBACKS[requested]`` (tensorrt → onnxruntime →
     torch); ``device`` (``cpu`` / ``cuda``), when given, rules out candidates on the other
@@ -210,6 +220,10 @@ def resolve_backend(
         raise BackendUnavailableError(
             f"unknown backend {requested!r}; choose one of {', '.join(FALLBACKS)}"
         )
+    if onnx_available is None:
+        from mar_rt.export.build import find_artifacts
+
+        onnx_available = bundle is None or find_artifacts(bundle) is not None
     env = probe_environment()
     want = None if device is None else torch.device(device).type
     skipped: list[str] = []

@@ -13,6 +13,8 @@ Loading (``_activate_impl``):
    --backend onnxruntime``) fits this machine, ORT version, provider, precision and ONNX
    file, its optimised model is loaded instead (sha256-checked, optimisations off);
    a set that does not fit is not used, and the log says what differs;
+   ``onnx/`` and ``engines/`` are read from the bundle's folder in the per-user cache, else
+   from the bundle folder (``mar_rt.export.build.find_artifacts``);
 3. session options: graph optimisation level ``all``, intra-op threads = physical cores,
    no spinning (the pipeline interleaves torch work with ORT calls).
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from mar_rt.errors import BackendUnavailableError, EngineMismatchError
+from mar_rt.export.build import ENGINES_DIR, find_artifacts
 from mar_rt.export.cache import find_engine_set, read_verified
 from mar_rt.export.graphs import GraphSpec
 from mar_rt.export.onnx_export import ONNX_DIR, OnnxEntry, onnx_entry, read_onnx_manifest
@@ -44,7 +47,15 @@ from mar_rt.runtime.backends.base import Backend
 
 log = logging.getLogger(__name__)
 
-ENGINES_DIR = "engines"
+
+def artifacts_root(bundle: Any, artifacts: str | Path | None, shared: dict[str, Any]) -> Path:
+    """The folder holding ``onnx/`` and ``engines/`` for a bundle's graphs: ``artifacts`` when
+    given, else ``find_artifacts`` (the bundle's cache folder, else the bundle folder); looked
+    up once per graph set (kept in ``shared``)."""
+    if "artifacts" not in shared:
+        found = artifacts if artifacts is not None else find_artifacts(bundle.folder)
+        shared["artifacts"] = Path(found) if found is not None else Path(bundle.folder)
+    return shared["artifacts"]
 
 
 def onnx_sha256_map(onnx_dir: Path, precision: str) -> dict[str, str]:
@@ -67,6 +78,7 @@ class OnnxRuntimeBackend(Backend):
         tensorrt_ep: put ORT's TensorRT execution provider first (CUDA only).
         max_batch: the batch the engine set must cover is checked per call shape; this is
             the batch it is looked up with.
+        bundle_folder: the bundle, named in the build command a missing set's log gives.
     """
 
     name: ClassVar[str] = "onnxruntime"
@@ -82,6 +94,7 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         tensorrt_ep: bool = False,
         batch: int = 1,
+        bundle_folder: str | Path | None = None,
     ) -> None:
         super().__init__(spec, device=device, precision=precision)
         if model.precision != precision:
@@ -98,6 +111,7 @@ class OnnxRuntimeBackend(Backend):
         self.threads = threads
         self.providers = ort_providers(self.device.type, tensorrt_ep=tensorrt_ep)
         self.batch = int(batch)
+        self.bundle_folder = Path(bundle_folder) if bundle_folder is not None else None
         self.engine_folder: Path | None = None
         self._session: Any = None
         self._binding: Any = None
@@ -119,13 +133,14 @@ class OnnxRuntimeBackend(Backend):
         **options: Any,
     ) -> OnnxRuntimeBackend:
         """The backend of ``graph`` of a loaded bundle; ONNX files and engine sets are read
-        from ``artifacts`` (default: the bundle folder): ``onnx/`` and ``engines/``."""
+        from ``artifacts``: ``onnx/`` and ``engines/`` (default: ``find_artifacts``, the
+        bundle's cache folder, else the bundle folder)."""
         from mar_rt.export.graphs import bundle_graph_specs
 
         if options:
             log.debug("onnxruntime backend ignores options %s", sorted(options))
-        root = Path(artifacts) if artifacts is not None else Path(bundle.folder)
         cache = {} if shared is None else shared
+        root = artifacts_root(bundle, artifacts, cache)
         if "graph_specs" not in cache:  # one bundle read per GraphSet
             cache["graph_specs"] = bundle_graph_specs(bundle)
         spec = cache["graph_specs"][graph]
@@ -139,6 +154,7 @@ class OnnxRuntimeBackend(Backend):
             threads=threads,
             tensorrt_ep=tensorrt_ep,
             batch=batch,
+            bundle_folder=bundle.folder,
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -158,7 +174,9 @@ class OnnxRuntimeBackend(Backend):
             batch=(1, self.batch, self.batch),
         )
         try:
-            found = find_engine_set(self.engines_root, wanted, batch=self.batch)
+            found = find_engine_set(
+                self.engines_root, wanted, batch=self.batch, bundle=self.bundle_folder
+            )
         except EngineMismatchError as exc:
             log.info(
                 "graph %s: no ONNX Runtime engine set fits, optimising at load: %s", self.graph, exc
@@ -240,4 +258,4 @@ class OnnxRuntimeBackend(Backend):
         self.engine_folder = None
 
 
-__all__ = ["OnnxRuntimeBackend", "onnx_sha256_map"]
+__all__ = ["OnnxRuntimeBackend", "artifacts_root", "onnx_sha256_map"]

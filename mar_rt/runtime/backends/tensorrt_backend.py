@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from mar_rt.errors import BackendUnavailableError, EngineMismatchError
+from mar_rt.export.build import ENGINES_DIR
 from mar_rt.export.cache import find_engine_set
 from mar_rt.export.graphs import GraphSpec
 from mar_rt.export.onnx_export import ONNX_DIR
@@ -41,7 +42,7 @@ from mar_rt.export.tensorrt import (
     trt_engine_key,
 )
 from mar_rt.runtime.backends.base import Backend
-from mar_rt.runtime.backends.onnxruntime_backend import ENGINES_DIR, onnx_sha256_map
+from mar_rt.runtime.backends.onnxruntime_backend import artifacts_root, onnx_sha256_map
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class TensorRTBackend(Backend):
         device: a CUDA device.
         precision: ``fp32`` or ``fp16``.
         batch: batch size the engine set must cover (its profile's opt nearest to it wins).
+        bundle_folder: the bundle, named in the build command of a refusal's message.
     """
 
     name: ClassVar[str] = "tensorrt"
@@ -83,6 +85,7 @@ class TensorRTBackend(Backend):
         device: str | torch.device = "cuda",
         precision: str = "fp16",
         batch: int = 1,
+        bundle_folder: str | Path | None = None,
     ) -> None:
         super().__init__(spec, device=device, precision=precision)
         if self.device.type != "cuda":
@@ -92,6 +95,7 @@ class TensorRTBackend(Backend):
         self.engines_root = Path(engines_root)
         self.onnx_dir = Path(onnx_dir)
         self.batch = int(batch)
+        self.bundle_folder = Path(bundle_folder) if bundle_folder is not None else None
         self.engine_folder: Path | None = None
         self._trt: Any = None
         self._logger: Any = None
@@ -113,13 +117,13 @@ class TensorRTBackend(Backend):
         **options: Any,
     ) -> TensorRTBackend:
         """The backend of ``graph``; engine sets and ONNX manifest come from ``artifacts``
-        (default: the bundle folder)."""
+        (default: ``find_artifacts``, the bundle's cache folder, else the bundle folder)."""
         from mar_rt.export.graphs import bundle_graph_specs
 
         if options:
             log.debug("tensorrt backend ignores options %s", sorted(options))
-        root = Path(artifacts) if artifacts is not None else Path(bundle.folder)
         cache = {} if shared is None else shared
+        root = artifacts_root(bundle, artifacts, cache)
         if "graph_specs" not in cache:  # one bundle read per GraphSet
             cache["graph_specs"] = bundle_graph_specs(bundle)
         spec = cache["graph_specs"][graph]
@@ -130,6 +134,7 @@ class TensorRTBackend(Backend):
             device=device,
             precision=precision,
             batch=batch,
+            bundle_folder=bundle.folder,
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -150,6 +155,7 @@ class TensorRTBackend(Backend):
             wanted,
             batch=self.batch,
             onnx_sha256_for=lambda opts: onnx_sha256_map(self.onnx_dir, opts.get("onnx", "fp32")),
+            bundle=self.bundle_folder,
         )
         plan = found.read_engine(self.graph)  # sha256-checked bytes
         self._trt = trt
