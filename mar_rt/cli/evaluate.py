@@ -41,6 +41,14 @@ def register(app: typer.Typer) -> None:
         ablations: Annotated[
             bool, typer.Option("--ablations", help="Add sde_only and dapg_only to the methods.")
         ] = False,
+        image_only: Annotated[
+            bool,
+            typer.Option(
+                "--image-only",
+                help="Run every method from ma_CT alone (Y_ma = FP(ma_CT), segmented mask), "
+                "as on a workstation; the JSON says route: image_only.",
+            ),
+        ] = False,
     ) -> None:
         """Score each method per case and per metal-size group; print a table, write JSON."""
         from mar_rt.errors import MarRtError
@@ -79,6 +87,7 @@ def register(app: typer.Typer) -> None:
                 steps=steps,
                 seed=seed,
                 progress=lambda case: typer.echo(f"  {case}", err=True),
+                image_only=image_only,
             )
         except MarRtError as exc:
             typer.echo(f"error: {exc}", err=True)

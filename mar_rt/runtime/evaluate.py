@@ -3,14 +3,24 @@
 
 Layout: ``<case>/gt.h5`` + ``<case>/<k>.h5``, found recursively. Metal masks: ``DIR/testmask.npy``
 (512 × 512 × K, mask k for ``<k>.h5``, bilinear-resized to the grid and thresholded at 0.5) when
-present, else segmented from ``ma_CT`` (μ > 0.672 cm⁻¹).
+present, else segmented from ``ma_CT`` (μ > ``mar_rt.ct.mar.METAL_THRESHOLD_MU``). Scores always
+use that mask.
+
+Routes (DESIGN §8, "Image-only input"):
+
+    sinogram     the methods see the file's measured ``ma_sinogram`` (and ``LI_sinogram``) and
+                 the mask above
+    image_only   the methods see ``ma_CT`` alone, as on a workstation: Y_ma = FP(ma_CT)
+                 (synthetic) and the mask segmented from ``ma_CT``; ``li_official`` stays the
+                 file's LI_CT, a fixed reference in both routes
 
 Methods:
 
     input        ma_CT as given
-    li           FBP(LI_sinogram) with our reconstructor (the one the pipeline uses)
+    li           FBP(LI_sinogram) with our reconstructor (the one the pipeline uses); on the
+                 image-only route LI of FP(ma_CT) across FP(mask) > 0, same FBP
     li_official  the file's LI_CT (another reconstructor: compare gains against ``li``)
-    nmar         NMAR (mar_rt.ct.mar) from ma_sinogram and the mask
+    nmar         NMAR (mar_rt.ct.mar) from ma_sinogram (image-only: FP(ma_CT)) and the mask
     dudocrop     the full pipeline of the bundle
     sde_only     ablation: IR-SDE without DuDoCLIP (zero embeddings)
     dapg_only    ablation: DAPG priors without OSRO (output X_p)
@@ -32,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from mar_rt.ct.geometry import FanBeamGeometry
-from mar_rt.errors import BadInputError
+from mar_rt.ct.mar import METAL_THRESHOLD_MU
+from mar_rt.errors import BadInputError, MarRtError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +52,7 @@ NETWORK_METHODS = ("dudocrop", "sde_only", "dapg_only")
 METHODS = CLASSIC_METHODS + NETWORK_METHODS
 DEFAULT_METHODS = ("input", "li", "li_official", "nmar", "dudocrop")
 ABLATION_OF = {"dudocrop": "full", "sde_only": "sde_only", "dapg_only": "dapg_only"}
-METAL_THRESHOLD = 0.672
+ROUTES = ("sinogram", "image_only")
 
 
 @dataclass(frozen=True)
@@ -106,16 +117,21 @@ def evaluate(
     steps: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    image_only: bool = False,
 ) -> dict[str, Any]:
     """Score ``methods`` on every case below ``root``; returns the JSON-able result.
 
     Shape: ``{"methods": {m: {"psnr", "ssim", "groups": {range: {"psnr", "ssim", "n"}}}},
     "cases": [{"case", "metal_px", m: {"psnr", "ssim"}}], "bundle", "backend", "steps",
-    "seconds"}``. Network methods need ``bundle``; the geometry is the bundle's (SynDeepLesion
-    without one).
+    "seconds", "route"}``. ``route`` is ``"image_only"`` when ``image_only`` (every method from
+    ``ma_CT`` alone, see the module docstring), else ``"sinogram"``. Network methods need
+    ``bundle``; the geometry is the bundle's (SynDeepLesion without one).
+
+    BadInputError: no cases, unknown methods, shapes that do not fit the geometry.
+    MarRtError: a pipeline whose QA record disagrees with the route.
     """
     from mar_rt.ct import metrics
-    from mar_rt.ct.mar import nmar_correct, segment_metal
+    from mar_rt.ct.mar import li_correct, nmar_correct, segment_metal
     from mar_rt.ct.syndeeplesion import read_case, read_image
     from mar_rt.runtime.operators import select_operators
 
@@ -170,11 +186,26 @@ def evaluate(
                     )
                 mask = torch.from_numpy(resize_mask(test_masks[..., case.k], grid))
             else:
-                mask = segment_metal(ma_ct, METAL_THRESHOLD)
+                mask = segment_metal(ma_ct, METAL_THRESHOLD_MU)
+            # what the methods see: the measured sinogram and the mask, or ma_CT alone
+            if image_only and test_masks is not None:
+                method_mask = segment_metal(ma_ct, METAL_THRESHOLD_MU)
+            else:
+                method_mask = mask
+            method_sino = None if image_only else ma_sino.to(proj.device)
             outputs: dict[str, torch.Tensor] = {}
             for m in methods:
                 if m == "input":
                     outputs[m] = ma_ct
+                elif m == "li" and image_only:
+                    outputs[m] = li_correct(
+                        ma_ct.to(proj.device),
+                        method_mask.to(proj.device),
+                        geometry,
+                        projector=proj,
+                        filter=fbp_filter,
+                        allow_edge=True,
+                    )["li_image"].cpu()
                 elif m == "li":
                     li_sino = torch.from_numpy(data["LI_sinogram"])
                     outputs[m] = proj.fbp(li_sino.to(proj.device), filter=fbp_filter).cpu()
@@ -183,9 +214,9 @@ def evaluate(
                 elif m == "nmar":
                     outputs[m] = nmar_correct(
                         ma_ct.to(proj.device),
-                        mask.to(proj.device),
+                        method_mask.to(proj.device),
                         geometry,
-                        sinogram=ma_sino.to(proj.device),
+                        sinogram=method_sino,
                         projector=proj,
                         filter=fbp_filter,
                         allow_edge=True,
@@ -193,13 +224,19 @@ def evaluate(
                 else:
                     out = pipelines[m](
                         ma_ct,
-                        sinogram=ma_sino,
-                        sinogram_is_measured=True,
-                        mask=mask,
+                        sinogram=None if image_only else ma_sino,
+                        sinogram_is_measured=not image_only,
+                        mask=method_mask,
                         steps=steps,
                         seed=seed,
                         return_intermediates=False,
                     )
+                    synthetic = {s.sinogram_synthetic for s in out.qa.slices}
+                    if synthetic != {image_only}:
+                        raise MarRtError(
+                            f"{case.case_path}: the {m} QA record says sinogram_synthetic="
+                            f"{sorted(synthetic)} on the {_route(image_only)} route"
+                        )
                     outputs[m] = out.output.cpu()
             row: dict[str, Any] = {"case": case.name, "metal_px": int(mask.sum())}
             for m, img in outputs.items():
@@ -236,7 +273,12 @@ def evaluate(
         "backend": base.graphs.backend if base is not None else None,
         "steps": (steps if steps is not None else base.config.steps) if base is not None else None,
         "seconds": time.perf_counter() - t_start,
+        "route": _route(image_only),
     }
+
+
+def _route(image_only: bool) -> str:
+    return ROUTES[1] if image_only else ROUTES[0]
 
 
 def _group_lo(key: str) -> int:
@@ -269,6 +311,11 @@ def format_table(result: dict[str, Any]) -> str:
     for row in result["cases"]:
         counts[group_key(row["metal_px"])] += 1
     note = ", ".join(f"{g} px: {c}" for g, c in counts.items())
+    route = result.get("route", ROUTES[0]).replace("_", "-")
     return "\n".join(
-        [fmt.format(*head), *(fmt.format(*r) for r in lines), f"PSNR dB / SSIM; {n} cases ({note})"]
+        [
+            fmt.format(*head),
+            *(fmt.format(*r) for r in lines),
+            f"PSNR dB / SSIM; {n} cases ({note}); {route} route",
+        ]
     )

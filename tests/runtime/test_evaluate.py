@@ -21,11 +21,12 @@ from mar_rt.runtime.evaluate import find_cases, group_key, resize_mask
 from tests.runtime._runtime_bundles import SMALL, micro_bundle, micro_bundle_sdl
 from tests.runtime.test_pipeline import _slice
 
-SHAPE_KEYS = {"methods", "cases", "bundle", "backend", "steps", "seconds"}
+SHAPE_KEYS = {"methods", "cases", "bundle", "backend", "steps", "seconds", "route"}
 
 
 def _check_shape(result, methods):
     assert set(result) == SHAPE_KEYS
+    assert result["route"] in ("sinogram", "image_only")
     assert list(result["methods"]) == list(methods)
     for m in methods:
         s = result["methods"][m]
@@ -64,10 +65,20 @@ def _eval_official(root, tmp_path, methods, *extra):
     return res, result
 
 
-def test_eval_official_files(sdl_case_129, tmp_path):
+OFFICIAL_METHODS = ["input", "li", "li_official", "nmar"]
+
+
+@pytest.fixture(scope="module")
+def official_measured(sdl_case_129, tmp_path_factory):
+    """``mar-rt eval`` of the classic methods on the official cases (measured sinograms)."""
     root = sdl_case_129.parents[1]  # .../syndeeplesion/train
-    methods = ["input", "li", "li_official", "nmar"]
-    res, result = _eval_official(root, tmp_path, methods)
+    return _eval_official(root, tmp_path_factory.mktemp("eval"), OFFICIAL_METHODS)
+
+
+def test_eval_official_files(sdl_case_129, official_measured):
+    root = sdl_case_129.parents[1]
+    res, result = official_measured
+    assert result["route"] == "sinogram" and "sinogram route" in res.output
     assert result["bundle"] is None and result["steps"] is None and result["seconds"] > 0
     names = [row["case"] for row in result["cases"]]
     assert names == ["000129_03_01/115/80", "000195_02_02/202/0"]  # 000321 has no <k>.h5
@@ -135,6 +146,7 @@ def test_eval_small_set_with_test_masks_and_ablations(small_set, tmp_path_factor
     methods = ["input", "li", "dudocrop", "sde_only", "dapg_only"]
     _check_shape(result, methods)
     assert result["steps"] == 2  # the bundle's default
+    assert result["route"] == "sinogram"
     assert [c.name for c in find_cases(small_set)] == ["case_a/s0/0", "case_a/s1/1"]
     for k, row in enumerate(result["cases"]):
         want = resize_mask(np.load(small_set / "testmask.npy")[..., k], (SMALL, SMALL)).sum()
@@ -153,3 +165,64 @@ def test_eval_refuses_bad_requests(small_set, tmp_path):
         app, ["eval", str(small_set), "--methods", "dudocrop", "--bundle", str(tmp_path / "x")]
     )
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+# --- the image-only route (DESIGN §8): every method from ma_CT alone ---------------------------
+def test_eval_image_only_official_files(sdl_case_129, official_measured, tmp_path):
+    """On the official cases, image-only LI is LI of the reprojected ma_CT across the segmented
+    trace (computed here from the operators); the references stay the same in both routes."""
+    from mar_rt.ct.fbp import fbp
+    from mar_rt.ct.geometry import FanBeamGeometry
+    from mar_rt.ct.mar import li_inpaint
+    from mar_rt.ct.projector import forward_project
+
+    root = sdl_case_129.parents[1]
+    res, image_only = _eval_official(root, tmp_path, OFFICIAL_METHODS, "--image-only")
+    _, measured = official_measured
+    assert image_only["route"] == "image_only" and "image-only route" in res.output
+    g = FanBeamGeometry.syndeeplesion()
+    for row, ref in zip(image_only["cases"], measured["cases"], strict=True):
+        assert row["case"] == ref["case"] and row["metal_px"] == ref["metal_px"]
+        for m in ("input", "li_official"):
+            assert row[m] == ref[m]  # the same image scored the same way
+        with h5py.File(root / f"{row['case']}.h5") as f:
+            ma_ct = torch.from_numpy(f["ma_CT"][()])
+        with h5py.File(root / row["case"].rsplit("/", 1)[0] / "gt.h5") as f:
+            gt = f["image"][()]
+        seg = segment_metal(ma_ct)
+        y = forward_project(ma_ct, g)
+        trace = forward_project(seg.float(), g) > 0
+        li = fbp(li_inpaint(y, trace), g)
+        assert row["li"]["psnr"] == pytest.approx(metrics.psnr(li, gt, seg), abs=1e-4)
+        # DESIGN §8: the reprojection's streaks spread beyond the trace, so both classic methods
+        # lose against their measured-sinogram selves, yet still beat the input
+        for m in ("li", "nmar"):
+            assert row["input"]["psnr"] + 1 < row[m]["psnr"] < ref[m]["psnr"]
+
+
+def test_eval_image_only_with_a_bundle(small_set, tmp_path_factory, tmp_path):
+    """The network methods run from ma_CT alone (synthetic sinogram in their QA records) and
+    differ from the measured-sinogram route; scores keep the test masks."""
+    from mar_rt.runtime.evaluate import evaluate
+
+    bundle = micro_bundle(tmp_path_factory)
+    methods = ["input", "li", "nmar", "dudocrop", "sde_only", "dapg_only"]
+    kw = dict(methods=methods, bundle=bundle, backend="torch", device="cpu", steps=1)
+    image_only = evaluate(small_set, image_only=True, **kw)
+    measured = evaluate(small_set, **kw)
+    _check_shape(image_only, methods)
+    assert (image_only["route"], measured["route"]) == ("image_only", "sinogram")
+    for row, ref in zip(image_only["cases"], measured["cases"], strict=True):
+        assert row["metal_px"] == ref["metal_px"]
+        assert row["input"] == ref["input"]
+        for m in ("li", "nmar", "dudocrop", "sde_only", "dapg_only"):
+            assert row[m]["psnr"] != ref[m]["psnr"], m
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(
+        app,
+        ["eval", str(small_set), "--json", str(out), "--bundle", str(bundle), "--backend",
+         "torch", "--methods", "input,dudocrop", "--steps", "1", "--image-only"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["route"] == "image_only"
