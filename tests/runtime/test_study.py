@@ -110,34 +110,39 @@ def test_clean_real_series_is_written_bit_for_bit_and_conformant(micro, series, 
         pytest.skip("dciodvfy (Debian dicom3tools) is not installed: conformance not checked")
 
 
-def test_metal_in_a_real_series_is_corrected_reinserted_and_the_rest_untouched(demo, tmp_path):
+@pytest.mark.parametrize(
+    ("pipe_name", "reinsert"), [("demo", True), ("micro", False)], ids=["demo", "micro"]
+)
+def test_metal_in_a_real_series_is_corrected_reinserted_and_the_rest_untouched(
+    pipe_name, reinsert, request, tmp_path
+):
     need(PANCREAS_4)
+    pipe = request.getfixturevalue(pipe_name)
     src = tmp_path / "metal"
     masks = with_metal(PANCREAS_4, src, slices=(1, 2))
     hu_of = {}
     for p in src.glob("*.dcm"):
         ds = pydicom.dcmread(p)
         hu_of[ds.SOPInstanceUID] = (p.name, ds.pixel_array * float(ds.RescaleSlope))
-    for reinsert in (True, False):
-        result = run_study(src, demo, tmp_path / f"out{reinsert}", reinsert_metal=reinsert)
-        assert result.n_metal_slices == 2
-        derived = _check_derived(result.folder, src, demo.bundle_sha256)
-        for ds, stored in derived:
-            name, _ = hu_of[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
-            out = ds.pixel_array.astype(float)
-            if name not in masks:
-                np.testing.assert_array_equal(ds.pixel_array, stored)
-                continue
-            m = masks[name]
-            changed = np.abs(out - stored)[~m]
-            assert (changed > 5).sum() > 500  # the artifact region was corrected
-            if reinsert:
-                np.testing.assert_array_equal(ds.pixel_array[m], stored[m])
-            else:
-                assert np.median(out[m]) < np.median(stored[m]) - 1000
-        qa = result.qa
-        assert qa["slices_corrected"] == 2 and qa["route"] == "image_only"
-        assert qa["reinsert_metal"] is reinsert
+    result = run_study(src, pipe, tmp_path / "out", reinsert_metal=reinsert)
+    assert result.n_metal_slices == 2
+    derived = _check_derived(result.folder, src, pipe.bundle_sha256)
+    for ds, stored in derived:
+        name, _ = hu_of[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        out = ds.pixel_array.astype(float)
+        if name not in masks:
+            np.testing.assert_array_equal(ds.pixel_array, stored)
+            continue
+        m = masks[name]
+        changed = np.abs(out - stored)[~m]
+        assert (changed > 5).sum() > 500  # the artifact region was corrected
+        if reinsert:
+            np.testing.assert_array_equal(ds.pixel_array[m], stored[m])
+        else:
+            assert np.median(out[m]) < np.median(stored[m]) - 1000
+    qa = result.qa
+    assert qa["slices_corrected"] == 2 and qa["route"] == "image_only"
+    assert qa["reinsert_metal"] is reinsert
 
 
 @pytest.mark.parametrize(
@@ -202,3 +207,21 @@ def test_a_failing_writer_leaves_no_half_series_and_keeps_the_volume(micro, tmp_
     assert kept.parent == out and kept.suffix == ".npy"
     assert np.load(kept).shape == (4, 512, 512)
     assert [p for p in out.iterdir() if p != kept] == []  # no series, no temporary folder
+
+
+def test_mar_rt_run_on_a_real_dicom_series(tmp_path, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from mar_rt.cli import app
+
+    need(TOTALSEG)
+    bundle = micro_bundle(tmp_path_factory)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app, ["run", str(TOTALSEG), "--bundle", str(bundle), "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "20 slice(s), 0 with metal" in res.output and "20 passed through" in res.output
+    (folder,) = out.iterdir()
+    assert folder.name.startswith("CT_Body_3_0_") and str(folder) in res.output
+    assert len(list(folder.glob("IM*.dcm"))) == 20

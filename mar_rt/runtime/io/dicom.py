@@ -370,7 +370,9 @@ def _encode_hu(hu: np.ndarray, ds: Any, where: Path) -> np.ndarray:
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     stored = np.rint((hu - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
-    n_clipped = int(np.count_nonzero((stored < lo) | (stored > hi)))
+    # air a little below the floor (the source's −1000 or −1024 HU) is clipped quietly
+    floor_margin = 100.0 / abs(float(ds.RescaleSlope))
+    n_clipped = int(np.count_nonzero((stored < lo - floor_margin) | (stored > hi)))
     if n_clipped:
         slope, icpt = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         log.warning(
