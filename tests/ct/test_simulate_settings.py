@@ -316,3 +316,17 @@ def test_official_match_resolution_on_the_official_case(sdl_case_129) -> None:
     assert psnr == pytest.approx(psnr_official, abs=1.0)
     assert edge > 0.8 and edge_official > 0.8
     assert psnr_official == pytest.approx(38.9, abs=0.3)  # DESIGN §5
+
+
+def test_noisy_scatter_and_batches_with_settings(small) -> None:
+    """Scatter per view with Poisson noise, and a batch equal to its slices on the 2× grid."""
+    image, mask = _small_phantom()
+    s = dataclasses.replace(OFFICIAL_MATCH, scatter_fraction=0.02, bhc="water+bone")
+    noisy = _run(small, settings=s, noise=True, seed=2)["poly_sinogram"]
+    clean = _run(small, settings=s)["poly_sinogram"]
+    assert float((noisy - clean).abs().mean()) < 0.01
+    flipped = (image[:, ::-1].copy(), mask[:, ::-1].copy())
+    batch = _run(small, np.stack([image, flipped[0]]), np.stack([mask, flipped[1]]), settings=s)
+    single = _run(small, *flipped, settings=s)
+    for name in single:
+        torch.testing.assert_close(batch[name][1], single[name])
