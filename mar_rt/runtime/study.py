@@ -86,9 +86,10 @@ def open_pipeline(
         raise BundleError(f"bundle folder {path} does not exist (pass --bundle PATH)")
 
     def say(line: str) -> None:
-        log.info("%s", line)
         if notify is not None:
             notify(line)
+        else:
+            log.info("%s", line)
 
     choice = resolve_backend(backend, device=device, onnx_available=(path / "onnx").is_dir())
     say(f"backend: {choice.backend} on {choice.device} ({choice.reason})")
@@ -519,7 +520,7 @@ def run_study(
         import json
 
         series_uid = json.loads((folder / "qa.json").read_text())["series_instance_uid"]
-    log.info(
+    log.debug(
         "%s: %d slice(s), %d with metal → %s", src, len(study), corrected.n_metal_slices, folder
     )
     return StudyRun(

@@ -596,5 +596,5 @@ def write_dicom_series(
             write_qa_record(tmp / "qa.json", {**qa, "series_instance_uid": series_uid})
         if extras is not None:
             extras(tmp)
-    log.info("wrote %d derived slices to %s", n, final)
+    log.debug("wrote %d derived slices to %s", n, final)
     return final
