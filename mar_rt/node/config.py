@@ -77,7 +77,8 @@ class NodeConfig:
     retry_max_s: float = 300.0  # ... up to this long between tries
     network_timeout_s: float = 30.0  # DIMSE / ACSE / network timeouts of the sender and the SCP
     shutdown_grace_s: float = 60.0  # on SIGTERM, wait this long for the current series
-    poll_s: float = 0.2  # how often the node looks at the spool and the queue
+    poll_s: float = 0.2  # how often the node checks for series that became ready
+    rescan_s: float = 2.0  # worker and sender rescan the queue this often (else woken by events)
 
     def __post_init__(self) -> None:
         _check_aet("aet", self.aet)
@@ -85,8 +86,8 @@ class NodeConfig:
         for name in ("quiet_seconds", "keep_hours", "retry_base_s", "retry_max_s", "min_free_mb"):
             if getattr(self, name) < 0:
                 raise NodeConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if self.network_timeout_s <= 0 or self.poll_s <= 0:
-            raise NodeConfigError("network_timeout_s and poll_s must be > 0")
+        if min(self.network_timeout_s, self.poll_s, self.rescan_s) <= 0:
+            raise NodeConfigError("network_timeout_s, poll_s and rescan_s must be > 0")
         if self.spool_max_mb is not None and self.spool_max_mb <= 0:
             raise NodeConfigError(f"spool_max_mb must be > 0, got {self.spool_max_mb}")
         if self.steps is not None and self.steps < 1:

@@ -111,6 +111,7 @@ class RunQueue:
     def __init__(self, spool_root: Path) -> None:
         self.root = Path(spool_root) / "runs"
         self.root.mkdir(parents=True, exist_ok=True)
+        self._cache: dict[str, tuple[tuple[int, int, int], Run]] = {}  # id → (stat stamp, run)
 
     def folder(self, run: Run | str) -> Path:
         return self.root / (run if isinstance(run, str) else run.run_id)
@@ -120,13 +121,24 @@ class RunQueue:
 
     # --- reading -------------------------------------------------------------------------------
     def load(self, run_id: str) -> Run:
+        """The run's record as on disk now (parsed again only when state.json changed)."""
         path = self.folder(run_id) / "state.json"
-        return Run.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        st = path.stat()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._cache.get(run_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        run = Run.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        self._cache[run_id] = (stamp, run)
+        return run
 
     def runs(self, *states: str) -> list[Run]:
         """The runs (in arrival order), only those in ``states`` if any are given."""
         out = []
-        for folder in sorted(self.root.iterdir()):
+        folders = sorted(self.root.iterdir())
+        for gone in set(self._cache) - {f.name for f in folders}:
+            del self._cache[gone]
+        for folder in folders:
             if folder.name.startswith(".") or not (folder / "state.json").is_file():
                 continue
             try:
@@ -148,8 +160,11 @@ class RunQueue:
 
     # --- writing -------------------------------------------------------------------------------
     def save(self, run: Run) -> Run:
-        with atomic_file(self.folder(run) / "state.json") as tmp:
+        path = self.folder(run) / "state.json"
+        with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(run.to_dict(), indent=1), encoding="utf-8")
+        st = path.stat()
+        self._cache[run.run_id] = ((st.st_ino, st.st_mtime_ns, st.st_size), run)
         return run
 
     def update(self, run: Run, **changes: Any) -> Run:

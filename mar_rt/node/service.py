@@ -59,6 +59,8 @@ class MarNode:
         self._ctx = multiprocessing.get_context("spawn")
         self._worker: Any = None
         self._worker_stop: Any = None
+        self._work = self._ctx.Event()  # a run became ready (wakes the worker)
+        self._sendable = self._ctx.Event()  # a run became to_send (wakes the sender)
         self.worker_ready: Any = None
         self._worker_restarts = 0
         self._next_worker_start = 0.0
@@ -101,6 +103,7 @@ class MarNode:
         """Stop listening, finish or requeue the current series, stop the threads."""
         emit("node_stopping")
         self._stop.set()
+        self._sendable.set()
         self.scp.stop()
         self._stop_worker(self.config.shutdown_grace_s)
         for thread in self._threads:
@@ -121,7 +124,14 @@ class MarNode:
         self.worker_ready = self._ctx.Event()
         self._worker = self._ctx.Process(
             target=worker_main,
-            args=(self.config, self._worker_stop, self.worker_ready, os.getpid()),
+            args=(
+                self.config,
+                self._worker_stop,
+                self.worker_ready,
+                self._work,
+                self._sendable,
+                os.getpid(),
+            ),
             name="mar-rt-node-worker",
             daemon=True,
         )
@@ -132,6 +142,7 @@ class MarNode:
         if self._worker is None:
             return
         self._worker_stop.set()
+        self._work.set()
         self._worker.join(timeout=grace_s)
         if self._worker.is_alive():
             emit(
@@ -174,9 +185,11 @@ class MarNode:
         while not self._stop.wait(self.config.poll_s):
             try:
                 for series in self.tracker.pop_ready():
-                    self.queue.create(
+                    run = self.queue.create(
                         self.spool, series.key, series.first_instance, series.last_instance
                     )
+                    if run is not None:
+                        self._work.set()
                 self._supervise_worker()
                 if time.monotonic() - last_cleanup > CLEANUP_EVERY_S:
                     last_cleanup = time.monotonic()
@@ -186,14 +199,21 @@ class MarNode:
                 logging.getLogger(__name__).exception("node ticker")
 
     def _sender(self) -> None:
-        while not self._stop.wait(self.config.poll_s):
-            for run in self.queue.due_to_send():
-                if self._stop.is_set():
-                    break
-                try:
+        """Send due runs; sleep until the worker signals a new one, the next retry is due, or
+        ``rescan_s`` passed."""
+        while not self._stop.is_set():
+            self._sendable.clear()
+            try:
+                for run in self.queue.due_to_send():
+                    if self._stop.is_set():
+                        return
                     self.send(run)
-                except Exception:  # keep sending other runs; logged
-                    logging.getLogger(__name__).exception("node sender")
+                waiting = [r.next_try - time.time() for r in self.queue.runs(TO_SEND)]
+                pause = max(min([self.config.rescan_s, *waiting]), 0.01)
+            except Exception:  # keep sending; logged
+                logging.getLogger(__name__).exception("node sender")
+                pause = self.config.rescan_s
+            self._sendable.wait(pause)
 
     def send(self, run: Run) -> Run:
         """Send one ``to_send`` run; on failure keep it queued with a backoff."""

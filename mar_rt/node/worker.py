@@ -129,8 +129,16 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_main(config: NodeConfig, stop: Any, ready: Any, parent_pid: int) -> None:
-    """Entry point of the worker process (picklable arguments only: spawn)."""
+def worker_main(
+    config: NodeConfig, stop: Any, ready: Any, work: Any, sendable: Any, parent_pid: int
+) -> None:
+    """Entry point of the worker process (picklable arguments only: spawn).
+
+    ``stop``, ``ready``, ``work`` and ``sendable`` are multiprocessing events: stop after the
+    current series; set once the pipeline is open; set by the node when a run became ready;
+    set here when a run became ``to_send``.  The queue is also rescanned every
+    ``config.rescan_s`` seconds, so a lost wake-up only delays.
+    """
     _die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         return
@@ -155,12 +163,14 @@ def worker_main(config: NodeConfig, stop: Any, ready: Any, parent_pid: int) -> N
         )
         ready.set()
         while not stop.is_set():
+            work.clear()  # before looking: a run created after this wakes the wait below
             run = queue.next_ready()
             if run is None:
-                stop.wait(config.poll_s)
+                work.wait(config.rescan_s)
                 continue
             try:
-                process_run(run, pipe, queue, config)
+                if process_run(run, pipe, queue, config).state == TO_SEND:
+                    sendable.set()
             except Exception as exc:  # keep the worker alive; the run is kept as failed
                 logging.getLogger(__name__).exception("worker: run %s", run.run_id)
                 queue.update(

@@ -49,3 +49,14 @@ def test_unknown_toml_key_names_the_file(tmp_path):
     toml.write_text('dest = "A@h:1"\nspool = "/s"\nquiet = 3\n')
     with pytest.raises(NodeConfigError, match=r"node\.toml: unknown setting\(s\) quiet"):
         build_config(toml)
+
+
+def test_cli_refuses_a_missing_destination(tmp_path):
+    from typer.testing import CliRunner
+
+    from mar_rt.cli import app
+
+    out = CliRunner().invoke(app, ["node", "--spool", str(tmp_path / "s")])
+    assert out.exit_code == 2 and "dest is required" in out.output
+    out = CliRunner().invoke(app, ["node", "status", "--spool", str(tmp_path / "nothing")])
+    assert out.exit_code == 2 and "no such spool folder" in out.output

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 
 import pydicom
 import pytest
@@ -63,7 +65,7 @@ def _config(tmp_path, **values):
     return str(path)
 
 
-def test_round_trip_through_orthanc(net, bundle, metal_files):
+def test_round_trip_through_orthanc(net, bundle, metal_files, tmp_path):
     orthanc, port, spool, nodes = net
     orthanc.start()
     node = NodeProcess(spool, port, orthanc.dest, bundle, "--quiet-seconds", "1").start()
@@ -87,6 +89,15 @@ def test_round_trip_through_orthanc(net, bundle, metal_files):
         assert tags["SOPInstanceUID"] not in uploaded
         referenced |= {item["ReferencedSOPInstanceUID"] for item in tags["SourceImageSequence"]}
     assert referenced == set(uploaded)  # every derived slice points at its source slice
+    if shutil.which("dciodvfy"):  # what the PACS holds is conformant (dicom3tools)
+        stored = tmp_path / "stored.dcm"
+        stored.write_bytes(orthanc.get(f"/instances/{instance_id}/file"))
+        report = subprocess.run(
+            ["dciodvfy", str(stored)], capture_output=True, text=True, timeout=60
+        )
+        lines = (report.stdout + report.stderr).splitlines()
+        errors = [line for line in lines if line.startswith("Error")]
+        assert errors == [], errors
 
     source = orthanc.get(f"/series/{source_id}")  # the original series is untouched
     assert len(source["Instances"]) == 4
