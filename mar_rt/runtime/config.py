@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,28 @@ SAMPLERS = ("posterior", "euler")
 
 ABLATIONS = ("full", "sde_only", "dapg_only")
 """Named ablations of DESIGN §9: IR-SDE alone (no DuDoCLIP), DAPG only (no OSRO), full."""
+
+Route = Literal["sinogram", "image_only"]
+ROUTES = ("sinogram", "image_only")
+"""The two routes of DESIGN §8: a measured sinogram was given, or Y_ma = FP(X_ma) (synthetic)."""
+
+ROUTE_SWITCHES = (
+    "steps",
+    "residual_steps",
+    "sampler",
+    "mu_source",
+    "use_clip",
+    "run_image_sde",
+    "run_sinogram_sde",
+    "run_osro",
+    "osro_fidelity",
+    "norm1",
+    "osro_residual",
+    "norm2",
+    "alpha",
+)
+"""Fields a route may override (``PipelineConfig.image_only``). The grid, the FBP filter, the
+metal threshold, ``residual_scale`` (fixed by training) and batching are the same on both."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +88,11 @@ class PipelineConfig:
         metal_threshold: μ (cm⁻¹) above which a pixel is metal when no mask is given (2500 HU).
         min_metal_px: connected metal components smaller than this are ignored.
         batch_size: slices per network call.
+        image_only: switch overrides (names in ``ROUTE_SWITCHES``) for the image-only route,
+            where no sinogram was measured and Y_ma = FP(X_ma) (DESIGN §8 "Image-only input":
+            there the fidelity step pulls the result back towards the streaks). ``None`` (old
+            bundles): both routes run this config. Given as a dict, stored as sorted
+            ``(name, value)`` pairs so the config stays hashable; ``for_route`` applies it.
     """
 
     steps: int = 20
@@ -88,8 +116,11 @@ class PipelineConfig:
     metal_threshold: float = 0.672
     min_metal_px: int = 4
     batch_size: int = 1
+    image_only: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.image_only is not None:
+            object.__setattr__(self, "image_only", _route_overrides(self.image_only))
         for name in ("steps", "image_size", "batch_size", "min_metal_px"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -127,6 +158,23 @@ class PipelineConfig:
                 f"PipelineConfig: metal_threshold must be > 0, got {self.metal_threshold!r}"
             )
 
+    def route_overrides(self, route: Route) -> dict[str, Any]:
+        """The switch overrides of ``route`` (empty for ``"sinogram"`` and for old configs)."""
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; expected one of {ROUTES}")
+        if route == "image_only" and self.image_only:
+            return dict(self.image_only)
+        return {}
+
+    def for_route(self, route: Route) -> PipelineConfig:
+        """The config that runs on ``route``: this one without overrides (the same object when
+        ``route`` has none), else this one with the route's overrides applied and
+        ``image_only`` cleared (what actually ran, as the QA record stores it)."""
+        changes = self.route_overrides(route)
+        if not changes:
+            return self
+        return self.replace(image_only=None, **changes)
+
     def residual_steps_for(self, steps: int) -> int:
         """Steps of the residual loop when the DAPG loops run ``steps`` (``residual_steps``,
         or ``steps`` when that is None)."""
@@ -148,8 +196,14 @@ class PipelineConfig:
         raise ValueError(f"unknown ablation {name!r}; expected one of {ABLATIONS}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict; ``from_dict`` rebuilds it exactly."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict; ``from_dict`` rebuilds it exactly. ``image_only`` is a dict,
+        left out when None, so configs without overrides serialise as before."""
+        d = dataclasses.asdict(self)
+        if self.image_only is None:
+            del d["image_only"]
+        else:
+            d["image_only"] = dict(self.image_only)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
@@ -159,3 +213,26 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"PipelineConfig.from_dict: unknown keys {unknown}")
         return cls(**d)
+
+
+def _route_overrides(overrides: Any) -> tuple[tuple[str, Any], ...]:
+    """Validate image-only overrides (a mapping or ``(name, value)`` pairs) → sorted pairs.
+
+    ValueError names unknown or non-switch keys and invalid values (each value is checked by
+    building the overridden config)."""
+    try:
+        items = dict(overrides)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"PipelineConfig: image_only must be a dict of switch overrides, got {overrides!r}"
+        ) from None
+    bad = sorted(k for k in items if k not in ROUTE_SWITCHES)
+    if bad:
+        raise ValueError(
+            f"PipelineConfig: image_only may override only {', '.join(ROUTE_SWITCHES)}; got {bad}"
+        )
+    try:
+        PipelineConfig(**items)  # every value valid on its own
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"PipelineConfig: image_only override invalid: {err}") from None
+    return tuple(sorted(items.items()))

@@ -47,7 +47,7 @@ from mar_rt.export.graphs import clip_graph
 from mar_rt.models.sde import SDEConfig
 from mar_rt.runtime import osro
 from mar_rt.runtime.backends import GraphSet
-from mar_rt.runtime.config import PipelineConfig
+from mar_rt.runtime.config import PipelineConfig, Route
 from mar_rt.runtime.operators import Operators, select_operators
 from mar_rt.runtime.qa import QARecord, SliceQA, data_consistency_error
 from mar_rt.runtime.sampler import DomainSampler, ProgressFn, loop_generator
@@ -157,6 +157,7 @@ class DuDoCROPPipeline:
         self.operators = operators or select_operators(geometry, self.device)
         self.projector = self.operators.projector
         self._samplers: dict[tuple[int, str, int], DomainSampler] = {}
+        self._route_pipes: dict[str, DuDoCROPPipeline] = {}
         if not graphs.is_active:
             graphs.activate()
 
@@ -209,12 +210,23 @@ class DuDoCROPPipeline:
             operators=self.operators,
         )
 
+    def for_route(self, route: Route) -> DuDoCROPPipeline:
+        """The pipeline that runs ``route``: this one, or (when the config overrides switches
+        for that route, ``PipelineConfig.image_only``) a cached ``with_config`` sibling."""
+        cfg = self.config.for_route(route)
+        if cfg is self.config:
+            return self
+        if route not in self._route_pipes:
+            self._route_pipes[route] = self.with_config(cfg)
+        return self._route_pipes[route]
+
     def close(self) -> None:
-        """Release every graph (and the fp32 fallback set, if built)."""
+        """Release every graph (and the fp32 fallback sets, if built)."""
         self.graphs.deactivate()
-        if self._fp32 is not None:
-            self._fp32.deactivate()
-            self._fp32 = None
+        for pipe in [self, *self._route_pipes.values()]:
+            if pipe._fp32 is not None:
+                pipe._fp32.deactivate()
+                pipe._fp32 = None
 
     def __enter__(self) -> DuDoCROPPipeline:
         return self
@@ -299,13 +311,28 @@ class DuDoCROPPipeline:
             sinogram: the raw sinogram(s) Y_ma (B, V, D), if the scanner gives it; otherwise
                 Y_ma = FP(X_ma) and the QA record marks it synthetic.
             sinogram_is_measured: True when ``sinogram`` came from the scanner; False records
-                it as synthetic (simulated or reprojected) in the QA record.
+                it as synthetic (simulated or reprojected) in the QA record. The route follows:
+                ``"sinogram"`` when measured, else ``"image_only"``, which runs the config's
+                image-only overrides (``PipelineConfig.for_route``) when it has any.
             mask: metal mask like ``image_mu``; segmented (μ > ``metal_threshold``) if None.
             steps: reverse-SDE steps (default ``config.steps``).
             seed: seeds every noise generator; same seed, inputs and device → same output.
             progress: ``progress(stage, i, n)`` after each SDE step and each other stage.
             return_intermediates: keep the per-stage tensors in the output.
         """
+        route: Route = "sinogram" if sinogram is not None and sinogram_is_measured else "image_only"
+        runner = self.for_route(route)
+        if runner is not self:
+            return runner(
+                image_mu,
+                sinogram=sinogram,
+                sinogram_is_measured=sinogram_is_measured,
+                mask=mask,
+                steps=steps,
+                seed=seed,
+                progress=progress,
+                return_intermediates=return_intermediates,
+            )
         t_start = time.perf_counter()
         cfg = self.config
         steps = cfg.steps if steps is None else steps
@@ -639,6 +666,7 @@ class DuDoCROPPipeline:
             bundle=self.bundle_name,
             operators=self.operators.name,
             config=self.config.to_dict(),
+            route="image_only" if synthetic else "sinogram",
         )
 
     # ------------------------------------------------------------------ machinery

@@ -88,7 +88,9 @@ class SliceQA:
 @dataclass(frozen=True, kw_only=True)
 class QARecord:
     """The QA record of one pipeline call: one ``SliceQA`` per slice plus run facts
-    (backend, device, bundle, which FP/FBP operators ran, the pipeline config)."""
+    (backend, device, bundle, which FP/FBP operators ran, the pipeline config that ran and
+    the route: ``"sinogram"`` with a measured sinogram, ``"image_only"`` when Y_ma = FP(X_ma)
+    or the sinogram was not measured)."""
 
     slices: tuple[SliceQA, ...]
     backend: str
@@ -96,6 +98,7 @@ class QARecord:
     bundle: str
     operators: str = "ct"
     config: dict[str, Any] = field(default_factory=dict)
+    route: str = "sinogram"
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -111,6 +114,7 @@ class QARecord:
             "bundle": self.bundle,
             "operators": self.operators,
             "config": dict(self.config),
+            "route": self.route,
             "slices": [s.to_dict() for s in self.slices],
         }
 
@@ -131,6 +135,7 @@ class QARecord:
             bundle=first.bundle,
             operators=first.operators,
             config=first.config,
+            route=first.route,
         )
 
     def table(self) -> str:

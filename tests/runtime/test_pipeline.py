@@ -345,3 +345,62 @@ def test_progress_counts_the_steps_of_each_loop(pipe):
         assert [a[0] for a in ticks if a[0] not in ("image", "sinogram", "residual")] == [
             "prepare", "clip", "osro",
         ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------- per-route overrides
+def test_old_bundle_runs_one_config_on_both_routes(pipe):
+    """A bundle without ``image_only`` (this micro bundle, like every bundle before it) runs its
+    own config on both routes: the route pipeline is the pipeline itself, and a config that
+    overrides with the values it already has gives the same output bit for bit."""
+    assert pipe.config.image_only is None
+    assert pipe.for_route("image_only") is pipe and pipe.for_route("sinogram") is pipe
+    x = _slice()
+    out = pipe(x, steps=1, seed=4)
+    assert out.qa.route == "image_only" and out.qa.to_dict()["route"] == "image_only"
+    assert "image_only" not in out.qa.config
+    same = pipe.with_config(pipe.config.replace(image_only={"alpha": pipe.config.alpha}))
+    torch.testing.assert_close(same(x, steps=1, seed=4).output, out.output, rtol=0, atol=0)
+
+
+def test_image_only_override_runs_on_the_image_only_route_only(pipe):
+    """With ``image_only={"alpha": 0}``: the image-only call outputs X_p exactly (step 6 with
+    α = 0 is X_p), the X_p of the old config's image-only call; the measured call is the old
+    config's measured call, bit for bit (α = 0.5 there)."""
+    x = _slice()
+    y = pipe.projector.forward(x[None])  # a "measured" sinogram of the right shape
+    tuned = pipe.with_config(pipe.config.replace(image_only={"alpha": 0.0}))
+    assert tuned.config.alpha == 0.5 and tuned.for_route("image_only").config.alpha == 0.0
+
+    io_old = pipe(x, steps=1, seed=5)
+    io_new = tuned(x, steps=1, seed=5)
+    assert not torch.equal(io_old.output, io_old.intermediates["x_p"][0])  # α = 0.5 mixes
+    torch.testing.assert_close(io_new.output, io_new.intermediates["x_p"][0], rtol=0, atol=0)
+    torch.testing.assert_close(io_new.output, io_old.intermediates["x_p"][0], rtol=0, atol=0)
+    assert io_new.qa.route == "image_only" and io_new.qa.config["alpha"] == 0.0
+    assert "image_only" not in io_new.qa.config  # the config that ran
+
+    ms_old = pipe(x, sinogram=y, sinogram_is_measured=True, steps=1, seed=5)
+    ms_new = tuned(x, sinogram=y, sinogram_is_measured=True, steps=1, seed=5)
+    torch.testing.assert_close(ms_new.output, ms_old.output, rtol=0, atol=0)
+    assert ms_new.qa.route == "sinogram" and ms_new.qa.config["image_only"] == {"alpha": 0.0}
+    assert not any(s.sinogram_synthetic for s in ms_new.qa.slices)
+    # a sinogram not marked measured is the image-only route (as the QA's synthetic flag says)
+    assert tuned(x, sinogram=y, steps=1, seed=5).qa.route == "image_only"
+
+
+def test_image_only_overrides_travel_in_bundle_json(tmp_path):
+    from mar_rt.runtime.demo import make_untrained_bundle, small_geometry
+
+    overrides = {"alpha": 0.25, "osro_fidelity": False, "mu_source": "li"}
+    cfg = PipelineConfig(steps=1, image_size=SMALL, image_only=overrides)
+    make_untrained_bundle(
+        tmp_path / "b", config="micro", seed=0, geometry=small_geometry(SMALL), pipeline=cfg
+    )
+    import json
+
+    stored = json.loads((tmp_path / "b" / "bundle.json").read_text())["pipeline"]
+    assert stored["image_only"] == overrides
+    with DuDoCROPPipeline.from_bundle(tmp_path / "b") as p:
+        assert p.config == cfg
+        assert p.for_route("image_only").config.osro_fidelity is False
+        assert p.for_route("sinogram").config.osro_fidelity is True
