@@ -17,6 +17,12 @@ antialiasing when shrinking):
     DICOM ``.dcm``             HU = stored·RescaleSlope + RescaleIntercept (pydicom, lazy)
     NIfTI ``.nii[.gz]``        HU, axial slices ``data[:, :, z]`` (nibabel, lazy),
                                id ``nifti_<stem>_<z>``
+    ``ct-volumes/*.npz``       ``hu`` int16 (n, H, W) + ``<name>.json`` (spacing, licence):
+                               every 512² slice resized to 416² whatever its field of view
+                               (the SynDeepLesion convention, as ``gt.h5`` images are made),
+                               id ``ctvol_<name>_<k>``, series ``ctvol_<name>``
+                               (:func:`read_ct_volume`; the low-resolution non-square
+                               ``totalseg_body_3mm`` is skipped unless asked for, see there)
     exported folder            ``<slice_id>.npy`` μ 416² + ``sources.json`` (``export_sources``)
 
 Every non-SynDeepLesion slice is clipped to [−1000, ``MAX_CLEAN_HU``] HU so that no clean pixel
@@ -62,6 +68,27 @@ class CleanSlice:
     image_mu: np.ndarray
     source: str
     licence: str = ""
+    series: str = ""
+    """The series (patient) the slice belongs to, when the reader knows it; otherwise
+    :func:`series_id` derives it from ``slice_id``. Splits are made on it."""
+
+
+_DEEPLESION_ID = re.compile(r"^(?:sdl|cleanct|dlpng)_(\d{6})_\d{2}_\d{2}(?:_|$)")
+
+
+def series_id(s: CleanSlice) -> str:
+    """The split unit of a slice: ``s.series`` when set; DeepLesion-derived slices
+    (``sdl_``, ``cleanct_``, ``dlpng_`` + ``<patient>_<study>_<series>``) group by patient,
+    ``deeplesion_<patient>``; NIfTI slices by file, ``nifti_<stem>``; any other slice is its
+    own series (its id)."""
+    if s.series:
+        return s.series
+    m = _DEEPLESION_ID.match(s.slice_id)
+    if m:
+        return f"deeplesion_{m.group(1)}"
+    if s.slice_id.startswith("nifti_"):
+        return s.slice_id.rsplit("_", 1)[0]
+    return s.slice_id
 
 
 def safe_id(*parts: str) -> str:
@@ -189,9 +216,98 @@ def read_nifti_slices(path: str | os.PathLike[str], *, max_slices: int = 4) -> l
             safe_id("nifti", stem, f"{int(z):03d}"),
             hu_slice_to_mu(data[:, :, int(z)].T, f"{path}[z={int(z)}]"),
             f"NIfTI {path} z={int(z)}",
+            series=safe_id("nifti", stem),
         )
         for z in zs
     ]
+
+
+LOW_RES_POLICIES = ("skip", "pad")
+"""What :func:`read_ct_volume` does with a volume whose slices are not 512² (``totalseg_body_3mm``,
+101 × 122 at 3 mm): ``skip`` it (default: upsampled 3.6× it is far blurrier than any scanner
+slice, and a blurred target teaches the networks to blur), or ``pad`` each slice to a square
+with air (−1000 HU, centred) and resize that to 416²."""
+
+CT_VOLUME_SIZE = 512
+"""In-plane size of a full-resolution ct-volumes series."""
+
+
+def read_ct_volume(
+    path: str | os.PathLike[str], *, low_res: str = "skip", stride: int = 1
+) -> list[CleanSlice]:
+    """A ``ct-volumes`` series: ``<name>.npz`` (``hu`` int16 (n, H, W)) and ``<name>.json``
+    beside it (``spacing_mm``, ``licence``, ``citation``) → every ``stride``-th slice as μ on
+    the 416² grid, HU clipped to [−1000, ``MAX_CLEAN_HU``], id ``ctvol_<name>_<k:03d>``
+    (k = index in the file), series ``ctvol_<name>``.
+
+    The 512² slice is resized to 416² whatever its field of view (the SynDeepLesion
+    convention); the source string records the pixel spacing before and after. Volumes that
+    are not 512² follow ``low_res`` (:data:`LOW_RES_POLICIES`): ``[]`` when skipped.
+    BadInputError: unreadable file, no ``hu`` array, not (n, H, W), a missing or bad .json.
+    """
+    path = Path(path)
+    if low_res not in LOW_RES_POLICIES:
+        raise BadInputError(f"{path}: low_res must be one of {LOW_RES_POLICIES}, got {low_res!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise BadInputError(f"{path}: stride must be a positive integer, got {stride!r}")
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        spacing = float(meta["spacing_mm"]["x"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BadInputError(f"{meta_path}: missing or without spacing_mm.x ({err})") from err
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            hu = np.asarray(f["hu"])
+    except (OSError, ValueError, KeyError) as err:
+        raise BadInputError(f"{path}: unreadable or without a 'hu' array ({err})") from err
+    if hu.ndim != 3 or hu.dtype.kind not in "iu" or hu.shape[0] == 0:
+        raise BadInputError(f"{path}: 'hu' must be integer (n, H, W), got {hu.shape} {hu.dtype}")
+    name = path.stem
+    h, w = hu.shape[1:]
+    if (h, w) != (CT_VOLUME_SIZE, CT_VOLUME_SIZE):
+        if low_res == "skip":
+            log.info("%s: %d×%d slices are not %d²; skipped (low_res='skip')", path, h, w, 512)
+            return []
+        side = max(h, w)
+        padded = np.full((hu.shape[0], side, side), -1000, np.int16)
+        top, left = (side - h) // 2, (side - w) // 2
+        padded[:, top : top + h, left : left + w] = hu
+        hu = padded
+    side = hu.shape[1]
+    fov = side * spacing
+    licence = str(meta.get("licence", ""))
+    if meta.get("citation"):
+        licence += f"; cite: {meta['citation']}"
+    series = safe_id("ctvol", name)
+    out = []
+    for k in range(0, hu.shape[0], stride):
+        mu = hu_slice_to_mu(hu[k].astype(np.float32), f"{path}[{k}]")
+        source = (
+            f"ct-volumes {path.name} slice {k} ({side}² at {spacing:.3f} mm, field of view "
+            f"{fov:.0f} mm → {GRID[0]}² at {fov / GRID[0]:.3f} mm)"
+        )
+        out.append(CleanSlice(f"{series}_{k:03d}", mu, source, licence, series))
+    return out
+
+
+def ct_volume_slices(
+    folder: str | os.PathLike[str], *, low_res: str = "skip", stride: int = 1
+) -> list[CleanSlice]:
+    """Every ``*.npz`` series of a ``ct-volumes`` folder (:func:`read_ct_volume`), by id."""
+    folder = Path(folder)
+    out = [
+        s
+        for f in sorted(folder.glob("*.npz"))
+        for s in read_ct_volume(f, low_res=low_res, stride=stride)
+    ]
+    return sorted(out, key=lambda s: s.slice_id)
+
+
+def is_ct_volumes_folder(path: Path) -> bool:
+    """True for a folder of ``<name>.npz`` + ``<name>.json`` pairs (the ct-volumes layout)."""
+    npz = list(path.glob("*.npz")) if path.is_dir() else []
+    return bool(npz) and all(f.with_suffix(".json").is_file() for f in npz)
 
 
 # --- folders -------------------------------------------------------------------------------
@@ -238,9 +354,11 @@ def load_clean_slices(
 ) -> list[CleanSlice]:
     """All clean slices under ``path`` (or under each of several paths), sorted by id.
 
-    The shared data folder (has ``syndeeplesion/`` or ``clean-ct/``) and exported folders
-    (``sources.json``) are read by their layout; any other folder is walked for ``gt.h5``,
-    ``.npy`` (``units``), ``.png``, ``.dcm`` and ``.nii[.gz]`` files. A single file works too.
+    The shared data folder (has ``syndeeplesion/`` or ``clean-ct/``; its ``ct-volumes/`` is
+    read only when named itself), ``ct-volumes`` folders (``*.npz`` + ``*.json``) and
+    exported folders (``sources.json``) are read by their layout; any other folder is walked
+    for ``gt.h5``, ``.npy`` (``units``), ``.png``, ``.dcm`` and ``.nii[.gz]`` files. A single
+    file works too.
     BadInputError when nothing usable is found in a path, or when two slices share an id.
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -257,6 +375,8 @@ def load_clean_slices(
         slices = shared_data_slices(path)
     elif path.is_dir() and (path / MANIFEST).is_file():
         slices = read_exported(path)
+    elif is_ct_volumes_folder(path):
+        slices = ct_volume_slices(path)
     else:
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         slices = []

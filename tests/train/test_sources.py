@@ -109,3 +109,63 @@ def test_several_sources_combine_and_ids_stay_unique(tmp_path):
         sources.load_clean_slices([tmp_path / "one", tmp_path / "one"])
     with pytest.raises(BadInputError, match="no data sources"):
         sources.load_clean_slices([])
+
+
+# ---------------------------------------------------------------------- ct-volumes
+def _volume(folder, name, hu, spacing=0.8):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"{name}.npz", hu=hu.astype(np.int16))
+    meta = {"spacing_mm": {"x": spacing, "y": spacing, "z": 2.0}, "licence": "CC BY 4.0"}
+    (folder / f"{name}.json").write_text(json.dumps(meta))
+
+
+def test_ct_volume_resized_to_416_whatever_its_field_of_view(tmp_path):
+    """A 512² slice holding a water disc of radius 160 px becomes a 416² slice whose disc has
+    radius 160·416/512 = 130 px (the whole field of view kept), μ of water inside."""
+    r, c = np.ogrid[:512, :512]
+    disc = (r - 255.5) ** 2 + (c - 255.5) ** 2 <= 160.0**2
+    hu = np.where(disc, 0, -1024)[None].repeat(3, 0)
+    hu[1, 250:262, 250:262] = 3071  # a dense spot, clipped to MAX_CLEAN_HU
+    _volume(tmp_path / "vol", "scan_a", hu)
+    out = sources.load_clean_slices(tmp_path / "vol")
+    assert [s.slice_id for s in out] == ["ctvol_scan_a_000", "ctvol_scan_a_001", "ctvol_scan_a_002"]
+    assert {s.series for s in out} == {"ctvol_scan_a"}
+    assert "CC BY 4.0" in out[0].licence and "512² at 0.800 mm" in out[0].source
+    img = out[0].image_mu
+    assert img.shape == (416, 416)
+    area = float((img > hu_to_mu(-500.0)).sum())
+    assert abs(np.sqrt(area / np.pi) - 130.0) < 1.0
+    assert abs(img[208, 208] - MU_WATER) < 1e-5
+    assert out[1].image_mu.max() <= hu_to_mu(sources.MAX_CLEAN_HU) + 1e-6
+    assert len(sources.read_ct_volume(tmp_path / "vol" / "scan_a.npz", stride=2)) == 2
+
+
+def test_ct_volume_low_res_is_skipped_or_padded(tmp_path):
+    hu = np.full((2, 100, 120), 0, np.int16)
+    _volume(tmp_path / "v", "low", hu, spacing=3.0)
+    path = tmp_path / "v" / "low.npz"
+    assert sources.read_ct_volume(path) == []
+    padded = sources.read_ct_volume(path, low_res="pad")
+    assert len(padded) == 2 and padded[0].image_mu.shape == (416, 416)
+    img = padded[0].image_mu
+    # 100 of 120 rows are water, padded with air above and below (10 rows each → 35 of 416)
+    rows = (img[:, 208] > hu_to_mu(-500.0)).sum()
+    assert abs(rows - 100 * 416 / 120) <= 2
+    with pytest.raises(BadInputError, match="low_res"):
+        sources.read_ct_volume(path, low_res="stretch")
+    (tmp_path / "v" / "low.json").unlink()
+    with pytest.raises(BadInputError, match="spacing"):
+        sources.read_ct_volume(path)
+
+
+def test_shared_ct_volumes(shared_data):
+    folder = shared_data / "ct-volumes"
+    slices = sources.ct_volume_slices(folder, stride=16)
+    series = {s.series for s in slices}
+    assert series == {"ctvol_pancreas_ct_cb001", "ctvol_lidc_chest", "ctvol_totalseg_abdomen_dicom"}
+    for s in slices:
+        assert s.image_mu.shape == (416, 416) and s.image_mu.max() < 0.672
+        body = s.image_mu[s.image_mu > hu_to_mu(-500.0)]
+        assert abs(np.median(body) / MU_WATER - 1.0) < 0.2
