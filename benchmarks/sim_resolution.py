@@ -14,8 +14,13 @@ trace (DESIGN §5 verified 0.29% / 2.2% for the protocol), the trace overlap, an
 strength ratio (RMSE against ``image`` outside the metal dilated by 6 px, both sinograms through
 the same FBP).
 
+``--classic`` adds the classic baselines on the same slices and masks (PSNR / SSIM, DESIGN §3):
+input ``ma_CT``, LI (FBP of ``LI_sinogram`` with our FBP) and NMAR (from ``ma_sinogram``), for
+the official files, the protocol and the chosen setting: how much of the official files' LI /
+NMAR difficulty a simulator setting reproduces.
+
     python benchmarks/sim_resolution.py [--settings protocol,2x,...] [--chosen NAME]
-                                        [--seed 0] [--json PATH]
+                                        [--seed 0] [--classic] [--json PATH]
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def _load(case: str, k: int) -> dict[str, np.ndarray]:
     with h5py.File(SDL_TRAIN / case / "gt.h5", "r") as f:
         out.update({n: f[n][()] for n in ("image", "poly_sinogram")})
     with h5py.File(SDL_TRAIN / case / f"{k}.h5", "r") as f:
-        out.update({n: f[n][()] for n in ("ma_CT", "ma_sinogram", "metal_trace")})
+        out.update({n: f[n][()] for n in ("ma_CT", "ma_sinogram", "metal_trace", "LI_sinogram")})
     return out
 
 
@@ -84,11 +89,33 @@ def _sinogram_match(ours: dict, ref: dict, metal: np.ndarray, g: FanBeamGeometry
     }
 
 
+def _classic(case: dict, metal: np.ndarray, g: FanBeamGeometry) -> dict[str, list[float]]:
+    """[PSNR, SSIM] of input, LI and NMAR for one case (arrays with the official names)."""
+    from mar_rt.ct import metrics
+    from mar_rt.ct.mar import nmar_correct
+
+    ma_ct = torch.as_tensor(case["ma_CT"])
+    m = torch.from_numpy(metal)
+    images = {
+        "input": ma_ct,
+        "li": fbp(torch.as_tensor(case["LI_sinogram"]), g),
+        "nmar": nmar_correct(
+            ma_ct, m, g, sinogram=torch.as_tensor(case["ma_sinogram"]), allow_edge=True
+        )["nmar_image"],
+    }
+    target = case["image"]
+    return {
+        k: [float(metrics.psnr(v, target, m)), float(metrics.ssim(v, target, m))]
+        for k, v in images.items()
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", default=DEFAULT_ROWS, help=f"of: {', '.join(SETTINGS)}")
     ap.add_argument("--chosen", default="official-match")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classic", action="store_true", help="add input / LI / NMAR scores")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     names = [n.strip() for n in args.settings.split(",") if n.strip()]
@@ -104,12 +131,15 @@ def main() -> None:
 
     data = {case: _load(case, k) for case, k in CASES}
     rows: list[dict] = []
+    classic: dict[str, dict[str, dict]] = {}
     for case, _ in CASES:
         d = data[case]
         metal = d["ma_CT"] > METAL_MU
         rec = fbp(torch.from_numpy(d["poly_sinogram"]), g).numpy()
         psnr, edge = resolution_figure(rec, d["image"], metal)
         rows.append({"setting": "official files", "case": case, "psnr": psnr, "edge": edge})
+        if args.classic:
+            classic.setdefault("official files", {})[case] = _classic(d, metal, g)
     match: dict[str, dict] = {}
     for name in names:
         s = SETTINGS[name]
@@ -126,6 +156,8 @@ def main() -> None:
             )
             if name == args.chosen:
                 match[case] = _sinogram_match(out, d, metal, g)
+            if args.classic and name in ("protocol", args.chosen):
+                classic.setdefault(name, {})[case] = _classic(out, metal, g)
 
     print("metal-free FBP(poly_sinogram) vs image, > 25 px from metal (Ram-Lak, our FBP)")
     print(f"{'setting':<20} " + "  ".join(f"{c:>27}" for c, _ in CASES) + "   mean dB")
@@ -144,9 +176,17 @@ def main() -> None:
             f" of the official ({m['trace_bins_ratio']:.2f}× its bins); artifact strength "
             f"{m['artifact_strength_ratio']:.2f}× the official"
         )
+    if classic:
+        print("\nclassic baselines on the same slices and masks, PSNR dB / SSIM (mean of cases)")
+        for name, per_case in classic.items():
+            cells = []
+            for method in ("input", "li", "nmar"):
+                v = np.mean([c[method] for c in per_case.values()], axis=0)
+                cells.append(f"{method} {v[0]:.2f} / {v[1]:.4f}")
+            print(f"  {name:<16} " + "   ".join(cells))
     if args.json:
         settings = {n: SETTINGS[n].to_dict() for n in names}
-        payload = {"rows": rows, "chosen": args.chosen, "ma_sinogram": match}
+        payload = {"rows": rows, "chosen": args.chosen, "ma_sinogram": match, "classic": classic}
         payload["settings"] = settings
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")

@@ -300,13 +300,8 @@ def simulate_metal_artifact(
     metal on the image edge (unless ``allow_edge``), an unknown or non-metal material, invalid
     settings.
     """
-    overrides = {
-        k: v
-        for k, v in (("material", material), ("photons", photons), ("scatter", scatter))
-        if v is not None
-    }
-    if filter is not None:
-        overrides["filter"] = filter
+    given = {"material": material, "photons": photons, "scatter": scatter, "filter": filter}
+    overrides = {k: v for k, v in given.items() if v is not None}
     cfg = SimulationSettings() if settings is None else settings
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
