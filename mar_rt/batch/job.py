@@ -51,10 +51,15 @@ DATA_STAGE_CPUS = 0.5
 """CPUs left free for Ray Data's own tasks when the actors share out the rest."""
 TASK_RETRIES = 2
 """Retries of a series whose worker process died (not of a series that raised)."""
-_QUIET_DATA_CONTEXT = {
+ACTOR_START_TIMEOUT_S = 600
+"""How long the job waits for every worker to open its pipeline before any series starts."""
+_DATA_CONTEXT = {
     "max_errored_blocks": -1,  # a block whose worker died must not abort the others
     "enable_progress_bars": False,  # the command draws one bar, per series
     "print_on_execution_start": False,
+    # all workers up before the first series: otherwise the first one to start takes every
+    # series while the others still load (short jobs, a slow node)
+    "wait_for_min_actors_s": ACTOR_START_TIMEOUT_S,
 }
 
 
@@ -396,9 +401,9 @@ def _execute(
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx_before = {name: getattr(ctx, name) for name in _QUIET_DATA_CONTEXT if hasattr(ctx, name)}
+    ctx_before = {name: getattr(ctx, name) for name in _DATA_CONTEXT if hasattr(ctx, name)}
     for name in ctx_before:
-        setattr(ctx, name, _QUIET_DATA_CONTEXT[name])
+        setattr(ctx, name, _DATA_CONTEXT[name])
     data_logger = logging.getLogger("ray.data")
     level_before = data_logger.level
     if not log.isEnabledFor(logging.DEBUG):

@@ -111,6 +111,14 @@ def _completion_minutes(records: list[dict[str, Any]], started_utc: str) -> list
     return sorted(out)
 
 
+def _horizontal() -> dict[str, Any]:
+    """``boxplot`` keywords for horizontal boxes (``vert`` is deprecated from matplotlib 3.10)."""
+    import matplotlib
+
+    major, minor = (int(x) for x in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
+
+
 def _shorten(text: str, n: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -160,7 +168,7 @@ def write_png(path: Path, report: dict[str, Any], summary: BatchSummary) -> Path
         ]
         data.append(v)
     if data:
-        ax.boxplot(data, vert=False)
+        ax.boxplot(data, **_horizontal())
         ax.set_yticks(range(1, len(stages) + 1), list(stages))
         ax.invert_yaxis()  # the first stage on top
     ax.set_xlabel("seconds per series")
