@@ -73,9 +73,7 @@ def register(app: typer.Typer) -> None:
                     raise typer.Exit(code=2)
                 from mar_rt.runtime.backends import resolve_backend
 
-                choice = resolve_backend(
-                    backend, device=device, onnx_available=(bundle_path / "onnx").is_dir()
-                )
+                choice = resolve_backend(backend, device=device, bundle=bundle_path)
                 name, dev = choice.backend, choice.device
                 typer.echo(f"backend: {name} on {dev} ({choice.reason})")
             result = evaluate(

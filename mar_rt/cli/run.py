@@ -24,8 +24,7 @@ def _choose_backend(requested: str, device: str | None, bundle: Path) -> tuple[s
     """(backend, device) for the request, printing what was picked and why."""
     from mar_rt.runtime.backends import resolve_backend
 
-    onnx = (bundle / "onnx").is_dir()
-    choice = resolve_backend(requested, device=device, onnx_available=onnx)
+    choice = resolve_backend(requested, device=device, bundle=bundle)
     typer.echo(f"backend: {choice.backend} on {choice.device} ({choice.reason})")
     return choice.backend, choice.device
 

@@ -40,7 +40,7 @@ import torch
 
 from mar_rt.ct import units
 from mar_rt.ct.geometry import FanBeamGeometry
-from mar_rt.ct.mar import li_inpaint, nmar_from_li, segment_metal
+from mar_rt.ct.mar import nmar_from_li, segment_metal
 from mar_rt.ct.resample import resample_images
 from mar_rt.errors import BadInputError, MarRtError
 from mar_rt.export.graphs import clip_graph
@@ -457,8 +457,8 @@ class DuDoCROPPipeline:
         idx = [i for i, f in enumerate(found) if f]
         if idx:
             sel = torch.tensor(idx, device=self.device)
-            trace[sel] = self.projector.forward(mask[sel].to(torch.float32)) > 0
-            y_li[sel] = li_inpaint(y_ma[sel], trace[sel])
+            trace[sel] = self.operators.trace(mask[sel])
+            y_li[sel] = self.operators.li(y_ma[sel], trace[sel])
             x_li[sel] = self.projector.fbp(y_li[sel], filter=self.config.fbp_filter)
         return y_ma, trace, y_li, x_li
 
@@ -577,7 +577,7 @@ class DuDoCROPPipeline:
         y_f = osro.fidelity_sinogram(b.y_ma, y_p, b.trace) if cfg.osro_fidelity else y_p
         x_pp = self.projector.fbp(y_f.contiguous(), filter=cfg.fbp_filter)
         # 2. Norm¹: X̃_p = Norm(X_p → X'_p)
-        x_tilde = osro.match_stats(x_p, x_pp, valid) if cfg.norm1 else x_p
+        x_tilde = self.operators.match_stats(x_p, x_pp, valid) if cfg.norm1 else x_p
         # 3. residual R = X̃_p − X'_p, refined by the residual IR-SDE → R̂ (R̂ = 0 when off)
         residual = x_tilde - x_pp
         if cfg.osro_residual:
@@ -594,9 +594,9 @@ class DuDoCROPPipeline:
         # 4. X̂_p = X'_p + R̂
         x_hat = x_pp + residual_hat
         # 5. Norm²: match X̂_p to X_p
-        x_hat_n = osro.match_stats(x_hat, x_p, valid) if cfg.norm2 else x_hat
+        x_hat_n = self.operators.match_stats(x_hat, x_p, valid) if cfg.norm2 else x_hat
         # 6. fusion
-        x_out = osro.fuse(x_hat_n, x_p, cfg.alpha)
+        x_out = self.operators.fuse(x_hat_n, x_p, cfg.alpha)
         b.out.update(
             y_f=y_f,
             x_p_prime=x_pp,
@@ -671,10 +671,16 @@ class DuDoCROPPipeline:
 
     # ------------------------------------------------------------------ machinery
     def _sampler(self, graphs: GraphSet, domain: str, steps: int) -> DomainSampler:
-        key = (id(graphs), domain, int(steps))
+        name = self.config.sampler
+        key = (id(graphs), domain, int(steps), name)
         if key not in self._samplers:
             self._samplers[key] = DomainSampler(
-                graphs, domain, self.sde, steps=int(steps), step_fn=self.operators.step_fn
+                graphs,
+                domain,
+                self.sde,
+                steps=int(steps),
+                step_fn=self.operators.step_fn,
+                sampler=name,
             )
         return self._samplers[key]
 

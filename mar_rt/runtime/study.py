@@ -91,7 +91,7 @@ def open_pipeline(
         else:
             log.info("%s", line)
 
-    choice = resolve_backend(backend, device=device, onnx_available=(path / "onnx").is_dir())
+    choice = resolve_backend(backend, device=device, bundle=path)
     say(f"backend: {choice.backend} on {choice.device} ({choice.reason})")
     try:
         return DuDoCROPPipeline.from_bundle(path, backend=choice.backend, device=choice.device)
