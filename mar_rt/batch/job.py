@@ -497,7 +497,10 @@ def run_batch(
             keep = ledger.outputs_in_use()
             for s in runnable:
                 _clean_leftovers(series_folder(out, s), keep)
-            import ray
+            try:
+                import ray
+            except ImportError as exc:
+                raise MarRtError("mar-rt batch needs Ray: pip install 'mar-rt[scale]'") from exc
 
             with ray_session(address, log_to_driver=log_to_driver) as where:
                 summary.address = where
