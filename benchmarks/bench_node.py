@@ -13,8 +13,9 @@ holds all 20 derived instances.  The node's run record splits the time into
     send      C-STORE SCU to Orthanc, all statuses checked
     overhead  total − compute − quiet  (target ≤ 2 s)
 
-then the same 20 files go through ``run_study`` in this process (pipeline opened first, not
-timed), which is what ``mar-rt run`` does after start-up.
+and the same 20 files go through ``run_study`` in this process (pipeline opened first, not
+timed: what ``mar-rt run`` does after start-up), once before and once after the node, since
+the load of a shared machine drifts.
 
     python benchmarks/bench_node.py [--bundle PATH] [--quiet-seconds 2] [--json PATH]
 
@@ -168,8 +169,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-node-"))
     try:
         files = make_series(work / "series")
-        node = bench_node(files, bundle, args.quiet_seconds, work)
-        bare = bench_bare(files, bundle, work)
+        before = bench_bare(files, bundle, work / "before")  # bare runs before and after the
+        node = bench_node(files, bundle, args.quiet_seconds, work)  # node: load drifts
+        after = bench_bare(files, bundle, work / "after")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()[0]
@@ -180,9 +182,12 @@ def main() -> None:
         print(f"{name:<14}{value:>9.2f}")
     print(f"{'total':<14}{node['total_s']:>9.2f}   first C-STORE → 20 derived in Orthanc")
     print(f"{'overhead':<14}{node['overhead_s']:>9.2f}   total − compute − quiet (target ≤ 2)")
-    print(f"{'bare run':<14}{bare['run_study_s']:>9.2f}   run_study, warm pipeline "
-          f"(open {bare['open_s']:.1f} s; node worker open {node['worker_open_s']} s)")  # fmt: skip
-    record = {"node": node, "bare": bare, "quiet_seconds": args.quiet_seconds,
+    for label, bare in (("bare before", before), ("bare after", after)):
+        print(f"{label:<14}{bare['run_study_s']:>9.2f}   run_study, warm pipeline "
+              f"(open {bare['open_s']:.1f} s)")  # fmt: skip
+    print(f"node worker opened its pipeline in {node['worker_open_s']} s (before the clock)")
+    record = {"node": node, "bare_before": before, "bare_after": after,
+              "quiet_seconds": args.quiet_seconds,
               "bundle": bundle.name, "host": platform.node(), "cpus": os.cpu_count(),
               "load_1min": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     if args.json:

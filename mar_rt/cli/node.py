@@ -31,6 +31,8 @@ def _serve(**flags: object) -> None:
         cfg = build_config(config_file, **flags)  # type: ignore[arg-type]
     except MarRtError as exc:
         raise _fail(str(exc), code=2) from exc
+    if cfg.bundle is not None and not (cfg.bundle / "bundle.json").is_file():
+        raise _fail(f"--bundle {cfg.bundle}: no bundle.json there", code=2)
     root = logging.getLogger()
     for handler in list(root.handlers):  # JSON lines instead of the plain CLI format
         root.removeHandler(handler)

@@ -143,6 +143,8 @@ class RunQueue:
                 continue
             try:
                 run = self.load(folder.name)
+            except FileNotFoundError:  # deleted (cleanup) while we listed
+                continue
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 emit("run_unreadable", level=logging.ERROR, folder=folder, error=str(exc))
                 continue

@@ -58,5 +58,9 @@ def test_cli_refuses_a_missing_destination(tmp_path):
 
     out = CliRunner().invoke(app, ["node", "--spool", str(tmp_path / "s")])
     assert out.exit_code == 2 and "dest is required" in out.output
+    out = CliRunner().invoke(
+        app, ["node", "--spool", str(tmp_path), "--dest", "A@h:1", "--bundle", str(tmp_path)]
+    )
+    assert out.exit_code == 2 and "no bundle.json" in out.output
     out = CliRunner().invoke(app, ["node", "status", "--spool", str(tmp_path / "nothing")])
     assert out.exit_code == 2 and "no such spool folder" in out.output
