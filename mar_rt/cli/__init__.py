@@ -9,7 +9,7 @@ import logging
 
 import typer
 
-from mar_rt.cli import batch, bench, doctor, engines, evaluate, run, simulate, train
+from mar_rt.cli import batch, bench, doctor, engines, evaluate, node, run, simulate, train
 
 app = typer.Typer(
     name="mar-rt",
@@ -28,5 +28,5 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
 
 
-for _module in (run, evaluate, simulate, train, engines, bench, doctor, batch):
+for _module in (run, evaluate, simulate, train, engines, bench, doctor, batch, node):
     _module.register(app)
