@@ -375,7 +375,7 @@ def load_irsde_unet(path: str | Path, **overrides: Any) -> Any:
     mapped = irsde_to_mar_rt(state, cfg, where=where)
     net = ConditionalUNet(cfg)
     net.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()}, strict=True)
-    log.info("loaded reference U-Net %s: %s", path, cfg)
+    log.debug("loaded reference U-Net %s: %s", path, cfg)
     return net.eval()
 
 
