@@ -9,7 +9,18 @@ import logging
 
 import typer
 
-from mar_rt.cli import batch, bench, doctor, engines, evaluate, node, run, simulate, train
+from mar_rt.cli import (
+    batch,
+    bench,
+    doctor,
+    engines,
+    evaluate,
+    import_cmd,
+    node,
+    run,
+    simulate,
+    train,
+)
 
 app = typer.Typer(
     name="mar-rt",
@@ -28,5 +39,5 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
 
 
-for _module in (run, evaluate, simulate, train, engines, bench, doctor, batch, node):
+for _module in (run, evaluate, simulate, train, engines, bench, doctor, batch, node, import_cmd):
     _module.register(app)
