@@ -1,15 +1,25 @@
-"""How many pairs of which slices the data stage draws (:class:`DataConfig`), as jobs."""
+"""How many pairs of which slices the data stage draws (:class:`DataConfig`), as jobs, and
+the image-only view of pairs (:func:`image_only_view`, ``DataConfig.image_only_inputs``).
+
+Notation (DESIGN.md §8 "Image-only input"): X_ma = ``ma_CT``; on the image-only route the
+pipeline sees X_ma alone, so Y_ma = FP(X_ma) (a reprojection, not a measurement), the mask is
+segmented from X_ma (μ > ``METAL_THRESHOLD_MU``), Tr = FP(M) > 0, Y_LI = LI(Y_ma) across Tr,
+X_LI = FBP(Y_LI), and NMAR runs on that Y_ma.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mar_rt.train.sources import CleanSlice
 from mar_rt.train.split import VAL_IDS
 from mar_rt.train.validation_set import VAL_SIZES_PX
+
+if TYPE_CHECKING:
+    from mar_rt.train.pairs import PairSet
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,7 +33,12 @@ class DataConfig:
     inputs, so only those are kept (:func:`clip_set`). ``clip_val_masks``: training-style
     masks (every size bin, every material) per validation slice for the zero-shot check
     (0: the validation set). ``clip_clean``: DuDoCLIP's set also holds each training slice's
-    metal-free scan, labelled "no metal" (:func:`clip_set` ``clean``)."""
+    metal-free scan, labelled "no metal" (:func:`clip_set` ``clean``).
+
+    ``image_only_inputs``: the image domain (and the residual built on it) trains on inputs
+    made the way the image-only route makes them (:func:`image_only_view`: Y_ma = FP(ma_CT),
+    then LI / NMAR of that), not on the measured ``ma_sinogram``'s LI / NMAR. Targets are
+    unchanged."""
 
     masks_per_slice: int = 8
     phantoms: int = 12
@@ -36,6 +51,7 @@ class DataConfig:
     clip_phantom_masks: int = 0
     clip_val_masks: int = 0
     clip_clean: bool = False
+    image_only_inputs: bool = False
 
     def clip_counts(self) -> DataConfig:
         """This config with DuDoCLIP's counts as the pair counts (for :func:`training_jobs`)."""
@@ -60,3 +76,34 @@ def training_jobs(slices: Sequence[CleanSlice], cfg: DataConfig) -> list[tuple[i
     for k in range(max(per, default=0)):
         jobs += [(i, k, None) for i, n in enumerate(per) if k < n]
     return jobs
+
+
+def image_only_view(pairs: PairSet, *, batch: int = 8) -> PairSet:
+    """``pairs`` as the image-only route sees them (module notation): ``ma_sinogram`` =
+    FP(``ma_CT``), ``mask`` segmented from ``ma_CT`` (the true mask where nothing reaches the
+    threshold, so every pair keeps its metal), ``metal_trace`` = FP(mask) > 0, ``LI_sinogram``
+    and ``LI_CT`` the LI of that; ``image`` and ``poly_sinogram`` (targets) are kept. NMAR
+    fields, if any, are dropped: call ``domains.with_nmar`` on the result. Same device.
+    """
+    import torch
+
+    from mar_rt.ct.mar import METAL_THRESHOLD_MU, li_inpaint, segment_metal
+    from mar_rt.ct.projector import get_projector
+    from mar_rt.train.pairs import GEOMETRY, PairSet
+
+    f = pairs.fields
+    proj = get_projector(GEOMETRY, device=pairs.device, dtype=torch.float32)
+    names = ("ma_sinogram", "mask", "metal_trace", "LI_sinogram", "LI_CT")
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for i in range(0, len(pairs), batch):
+        x_ma = f["ma_CT"][i : i + batch].float()
+        seg = segment_metal(x_ma, METAL_THRESHOLD_MU)
+        found = seg.flatten(1).any(1)[:, None, None]
+        mask = torch.where(found, seg, f["mask"][i : i + batch])
+        y_ma = proj.forward(x_ma)
+        trace = proj.forward(mask.float()) > 0
+        y_li = li_inpaint(y_ma, trace)
+        for n, v in zip(names, (y_ma, mask, trace, y_li, proj.fbp(y_li)), strict=True):
+            parts[n].append(v)
+    keep = {k: v for k, v in f.items() if not k.startswith("NMAR_")}
+    return PairSet(pairs.metas, {**keep, **{n: torch.cat(v) for n, v in parts.items()}})

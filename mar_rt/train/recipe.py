@@ -50,7 +50,7 @@ from mar_rt.models.sde import make_schedule
 from mar_rt.models.unet import ConditionalUNet
 from mar_rt.train.clip_set import ClipSet, clip_inputs, clip_set
 from mar_rt.train.clip_trainer import embed, train_clip
-from mar_rt.train.data_config import training_jobs
+from mar_rt.train.data_config import image_only_view, training_jobs
 from mar_rt.train.domains import (
     DomainData,
     image_domain,
@@ -441,6 +441,11 @@ def _domain_data(run: Run, domain: str) -> DomainData:
         run.train = with_nmar(run.train)
     if domain == "image":
         c, a = run.emb["image"]
+        if r.data.image_only_inputs:  # μ made as the image-only route makes it
+            mu_source = r.pipeline.for_route("image_only").mu_source
+            pairs = image_only_view(run.train)
+            pairs = with_nmar(pairs) if mu_source == "nmar" else pairs
+            return image_domain(pairs, c, a, mu_source=mu_source)
         return image_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
     c, a = run.emb["sinogram"]
     return sinogram_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
