@@ -1,6 +1,6 @@
 """Metal detection for clinical images: "do no harm" (DESIGN §8).
 
-A plain threshold (μ > 0.672 cm⁻¹, 2500 HU) also fires on dense iodinated contrast and on
+A plain threshold (2500 HU, ``METAL_THRESHOLD_MU``) also fires on dense iodinated contrast and on
 small dense calcifications: in the real chest series ``ct-volumes/lidc_chest`` it marks a
 contrast bolus in the superior vena cava (34 px above 2500 HU, only 2–3 px at the 3071 HU
 ceiling) and a small calcification in the liver (25 px at the ceiling, 12 mm²).  Correcting

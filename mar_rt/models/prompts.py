@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from mar_rt.ct.units import MU_WATER, hu_to_mu
 from mar_rt.errors import BadInputError
 
 __all__ = [
@@ -107,7 +108,6 @@ SEVERITY_LIMITS_HU = (35.0, 80.0, 160.0)  # upper bounds of none, mild, moderate
 NO_METAL = "none"  # size_class / shape / position of an empty mask
 
 _REF_AREA_PX = 416 * 416
-_MU_WATER = 0.192  # cm⁻¹ at 70 keV (DESIGN §3); models may not import mar_rt.ct
 _MU_CLIP = (0.0, 0.5)  # network / metric range of μ (DESIGN §3)
 _SEVERITY_DILATE_PX = 6
 
@@ -362,7 +362,7 @@ def artifact_rmse_hu(
     keep = ~metal
     if not keep.any():
         raise BadInputError("metal_mask: no pixel left outside the dilated metal")
-    diff_hu = (np.clip(x, *_MU_CLIP) - np.clip(y, *_MU_CLIP)) / _MU_WATER * 1000.0
+    diff_hu = (np.clip(x, *_MU_CLIP) - np.clip(y, *_MU_CLIP)) / MU_WATER * 1000.0
     return float(np.sqrt(np.mean(diff_hu[keep] ** 2)))
 
 
@@ -386,7 +386,7 @@ def severity_from_error(
 
 
 def _hu_to_mu(hu: float) -> float:
-    return (hu / 1000.0 + 1.0) * _MU_WATER
+    return float(hu_to_mu(hu, clip=False))
 
 
 def _body_outline(image_mu: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mar_rt.ct.mar import METAL_THRESHOLD_MU, MIN_METAL_PIXELS
+
 MuSource = Literal["li", "nmar", "ma"]
 SizePolicy = Literal["resample", "refuse"]
 SamplerName = Literal["posterior", "euler"]
@@ -113,8 +115,8 @@ class PipelineConfig:
     image_size: int = 416
     on_size_mismatch: SizePolicy = "resample"
     fbp_filter: str = "ram-lak"
-    metal_threshold: float = 0.672
-    min_metal_px: int = 4
+    metal_threshold: float = METAL_THRESHOLD_MU
+    min_metal_px: int = MIN_METAL_PIXELS
     batch_size: int = 1
     image_only: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None
 

@@ -16,7 +16,7 @@ Each step is a named method with its switch in :class:`PipelineConfig`. The reci
 ``__call__``:
 
     1. check_inputs                      (shapes, NaN/inf, size policy)
-    2. segment metal if no mask          (μ > 0.672, small components dropped)
+    2. segment metal if no mask          (μ > metal_threshold, small components dropped)
     3. prepare: Y_ma (measured or FP), Tr, Y_LI, X_LI
     4. per batch of metal slices:
        a. embed          CLIP(X_ma), CLIP(Y_ma)  or zeros without DuDoCLIP
