@@ -193,15 +193,20 @@ class NodeProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         else:
             self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=timeout_s)
-        self.proc = None
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # never leave a node behind
+            self.proc.wait(timeout=timeout_s)
+            raise AssertionError(f"the node did not stop within {timeout_s} s on {sig!r}") from None
+        finally:
+            self.proc = None
         return rc
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.signal(signal.SIGTERM)
-        if self.proc is not None:
-            self.proc = None
+        self.proc = None
 
 
 def run_states(spool: Path) -> list[dict]:
