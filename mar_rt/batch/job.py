@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from mar_rt.batch.inputs import Series, input_sha256
-from mar_rt.batch.ledger import DONE, FAILED, Ledger, job_lock
+from mar_rt.batch.ledger import DONE, FAILED, Ledger, LedgerError, job_lock
 from mar_rt.errors import BundleError, MarRtError
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,11 @@ def local_ray_args() -> dict[str, Any]:
     return {"num_cpus": cpus, "object_store_memory": store, "include_dashboard": False}
 
 
+def resolve_address(address: str | None) -> str | None:
+    """The cluster to join: ``address``, else ``$RAY_ADDRESS``, else None (start Ray here)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, log_to_driver: bool = False) -> Iterator[str]:
     """Connect to Ray for one job and yield a description of where it runs.
@@ -315,7 +320,7 @@ def ray_session(address: str | None = None, *, log_to_driver: bool = False) -> I
     if ray.is_initialized():
         yield "the Ray already running in this process"
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = resolve_address(address)
     quiet = logging.WARNING if log_to_driver else logging.ERROR
     common: dict[str, Any] = {"log_to_driver": log_to_driver, "logging_level": quiet}
     if address is None:
@@ -433,6 +438,8 @@ def _execute(
             record = json.loads(str(row["record"]))
             pending.pop(record["key"], None)
             emit(record)
+    except LedgerError:
+        raise  # the ledger cannot be written: stop, a rerun resumes from what it holds
     except Exception as exc:  # Ray itself failed: what did not come back is recorded failed
         log.error("the Ray job stopped: %s: %s", type(exc).__name__, exc)
         for s in list(pending.values()):

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from mar_rt.batch.job import BatchConfig, BatchSummary, plan_workers
+from mar_rt.batch.job import (
+    BatchConfig,
+    BatchSummary,
+    local_ray_args,
+    plan_workers,
+    resolve_address,
+)
 from mar_rt.batch.ledger import Ledger
 from mar_rt.batch.report import stage_distribution, write_report
 from mar_rt.errors import MarRtError
@@ -32,6 +39,23 @@ def test_cpu_workers_leave_room_for_the_data_stages() -> None:
 def test_cuda_without_a_gpu_is_refused() -> None:
     with pytest.raises(MarRtError, match="no GPU"):
         plan_workers(BatchConfig(out=Path("o"), device="cuda"), 5, {"CPU": 8.0})
+
+
+def test_address_from_the_option_then_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None) is None  # Ray starts inside the command
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert resolve_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert resolve_address(None) == "10.0.0.1:6379"
+    assert resolve_address("auto") == "auto"
+
+
+def test_the_embedded_ray_is_small() -> None:
+    args = local_ray_args()
+    assert args["include_dashboard"] is False
+    assert 75_000_000 < args["object_store_memory"] <= 1_000_000_000
+    assert args["num_cpus"] == len(os.sched_getaffinity(0))
 
 
 def _record(i: int, status: str, total: float) -> dict:
