@@ -130,6 +130,23 @@ def test_atomic_file_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_writes_get_the_permissions_open_and_mkdir_would_give(tmp_path):
+    import os
+
+    from mar_rt.runtime.io.common import atomic_folder
+
+    old = os.umask(0o027)
+    try:
+        with atomic_file(tmp_path / "x.json") as tmp:
+            tmp.write_text("{}")
+        with atomic_folder(tmp_path / "series") as folder:
+            (folder / "a").write_text("a")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+    assert (tmp_path / "series").stat().st_mode & 0o777 == 0o750  # not mkdtemp's 0700
+
+
 # --- SynDeepLesion h5 ---------------------------------------------------------------------------
 def test_syndeeplesion_case(sdl_case_129):
     geometry = FanBeamGeometry.syndeeplesion()
