@@ -102,10 +102,13 @@ class MarNode:
     def stop(self) -> None:
         """Stop listening, finish or requeue the current series, stop the threads."""
         emit("node_stopping")
+        deadline = time.monotonic() + self.config.shutdown_grace_s  # the grace starts now
         self._stop.set()
         self._sendable.set()
+        if self._worker is not None:
+            self._worker_stop.set()
         self.scp.stop()
-        self._stop_worker(self.config.shutdown_grace_s)
+        self._stop_worker(max(deadline - time.monotonic(), 0.0))
         for thread in self._threads:
             thread.join(timeout=self.config.network_timeout_s + 5.0)
         (self.config.spool / "node.json").unlink(missing_ok=True)

@@ -153,7 +153,7 @@ def test_node_stopped_during_processing_resumes_after_restart(
     orthanc, port, spool, nodes = net
     orthanc.start()
     config = _config(tmp_path, quiet_seconds=1, shutdown_grace_s=0.5)
-    slow = NodeProcess(spool, port, orthanc.dest, bundle, "--config", config, "--steps", "60")
+    slow = NodeProcess(spool, port, orthanc.dest, bundle, "--config", config, "--steps", "1000")
     slow.start()
     nodes.append(slow)
     pgid = slow.proc.pid
@@ -162,7 +162,7 @@ def test_node_stopped_during_processing_resumes_after_restart(
 
     rc = slow.signal(sig)
     if sig == signal.SIGTERM:
-        assert rc == 0  # a clean stop: the series did not finish in 0.5 s, so it is requeued
+        assert rc == 0  # a clean stop: 1000 steps do not finish in 0.5 s, so it is requeued
         assert [r["state"] for r in run_states(spool)] == ["ready"]
         assert "worker_terminated" in [e["event"] for e in slow.events()]
     wait_for("the old worker to be gone", lambda: not _group_alive(pgid), 30.0)
