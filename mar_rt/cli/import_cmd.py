@@ -1,5 +1,5 @@
 """`mar-rt import`: build a bundle from DA-CLIP / IR-SDE reference checkpoints
-(``mar_rt.export.import_reference``); see docs/import.md."""
+(``mar_rt.train.import_reference``); see docs/import.md."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build a bundle from checkpoints trained with the DA-CLIP / IR-SDE reference code."""
         from mar_rt.errors import MarRtError
-        from mar_rt.export.import_reference import import_reference
+        from mar_rt.train.import_reference import import_reference
 
         try:
             report = import_reference(
