@@ -98,6 +98,7 @@ def graph_specs(
     sino_shape: tuple[int, int],
     embed_dims: Mapping[str, int],
     cond_dims: Mapping[str, int],
+    clip_inputs: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, GraphSpec]:
     """All graph specs of a bundle.
 
@@ -106,12 +107,15 @@ def graph_specs(
         sino_shape: (V, D) of the sinogram (views, detector bins).
         embed_dims: CLIP embedding width per CLIP domain (``image``, ``sinogram``).
         cond_dims: U-Net conditioning width per domain (``image``, ``sinogram``, ``residual``).
+        clip_inputs: (S, S) per CLIP domain whose graph takes host-preprocessed pixels instead
+            of the domain grid (DuDoCLIP ``preprocess="daclip"``: the PIL step runs on the
+            host, ``mar_rt.models.dudoclip.daclip_pixels``).
     """
     grids = {"image": image_shape, "sinogram": sino_shape, "residual": image_shape}
     clip_of = {"image": "image", "sinogram": "sinogram", "residual": "image"}
     specs: dict[str, GraphSpec] = {}
     for d in CLIP_DOMAINS:
-        h, w = grids[d]
+        h, w = (clip_inputs or {}).get(d, grids[d])
         e = int(embed_dims[d])
         specs[clip_graph(d)] = GraphSpec(
             clip_graph(d),
@@ -180,6 +184,7 @@ def bundle_graph_specs(bundle: Any) -> dict[str, GraphSpec]:
     names = set(bundle.network_names)
     embed: dict[str, int] = {}
     cond: dict[str, int] = {}
+    clip_inputs: dict[str, tuple[int, int]] = {}
     for d in DOMAINS:
         net = f"unet_{d}"
         if net not in names:
@@ -193,11 +198,15 @@ def bundle_graph_specs(bundle: Any) -> dict[str, GraphSpec]:
                 if clip in names
                 else int(cfg.context_dim)
             )
+            if clip in names and getattr(bundle.network_config(clip), "preprocess", "") == "daclip":
+                size = int(bundle.network_config(clip).image_size)
+                clip_inputs[d] = (size, size)
     return graph_specs(
         image_shape=geometry.image_shape,
         sino_shape=geometry.sino_shape,
         embed_dims=embed,
         cond_dims=cond,
+        clip_inputs=clip_inputs,
     )
 
 

@@ -44,6 +44,7 @@ from mar_rt.ct.mar import nmar_from_li, segment_metal
 from mar_rt.ct.resample import resample_images
 from mar_rt.errors import BadInputError, MarRtError
 from mar_rt.export.graphs import clip_graph
+from mar_rt.models.dudoclip import daclip_pixels
 from mar_rt.models.sde import SDEConfig
 from mar_rt.runtime import osro
 from mar_rt.runtime.backends import GraphSet
@@ -505,7 +506,12 @@ class DuDoCROPPipeline:
                 zeros = torch.zeros(net.shape[0], int(dim), device=self.device)
                 out[domain] = (zeros, zeros)
                 continue
-            res = backend.infer({"image": net[:, None].contiguous()}, copy_outputs=True)
+            pixels = net[:, None].contiguous()
+            spec_hw = tuple(backend.input_specs["image"].shape[-2:])
+            if spec_hw != tuple(pixels.shape[-2:]):
+                # a CLIP with preprocess="daclip" takes host-processed S×S pixels (export.graphs)
+                pixels = daclip_pixels(pixels, int(spec_hw[0])).contiguous()
+            res = backend.infer({"image": pixels}, copy_outputs=True)
             out[domain] = (res["content_emb"], res["artifact_emb"])
         return out
 

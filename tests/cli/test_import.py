@@ -154,3 +154,46 @@ def test_bad_inputs_fail_clearly(sources, tmp_path):
     )  # fmt: skip
     assert res.exit_code == 1 and "daclip_micro.pt" in res.output
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_daclip_preprocessed_clip_exports_and_the_pipeline_feeds_it_host_pixels(
+    sources, small_geometry_json, tmp_path
+):
+    """preprocess="daclip": the CLIP graph takes S×S host pixels (export.graphs), exports to
+    ONNX and matches torch there, and the pipeline's embeddings equal the CLIP's own forward
+    on the domain image (which runs the PIL step itself)."""
+    from mar_rt.ct import units
+    from mar_rt.export.graphs import bundle_graph_specs, clip_graph
+    from mar_rt.export.onnx_export import export_graph
+    from mar_rt.export.verify import ort_cpu_session
+    from mar_rt.models.dudoclip import daclip_pixels
+    from mar_rt.runtime.pipeline import DuDoCROPPipeline
+
+    bundle = tmp_path / "bundle"
+    res = _invoke(
+        "import", "--daclip", sources["daclip"], "--unet-image", sources["unet_image"],
+        "--clip-preprocess", "daclip", "--geometry", small_geometry_json, "--out", bundle,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    loaded = load_bundle(bundle)
+    clip = loaded.build("clip_image").eval()
+    size = int(clip.cfg.image_size)
+    spec = bundle_graph_specs(loaded)[clip_graph("image")]
+    assert spec.inputs["image"].shape[-2:] == (size, size) and size != 64  # not the grid
+
+    x = torch.rand(2, 64, 64) * 0.4
+    pixels = daclip_pixels(units.image_to_net(x)[:, None], size)
+    (onnx_path, *_) = export_graph(clip, spec, tmp_path / "clip_image.onnx")
+    got = ort_cpu_session(onnx_path).run(None, {"image": pixels.numpy()})
+    with torch.no_grad():
+        want = clip(pixels)
+    for g, w in zip(got, want, strict=True):
+        assert abs(g - w.numpy()).max() < 1e-4
+
+    with DuDoCROPPipeline.from_bundle(bundle, backend="torch", device="cpu") as pipe:
+        emb = pipe.embed(pipe.graphs, x, pipe.projector.forward(x))
+        with torch.no_grad():
+            own = clip(units.image_to_net(x)[:, None])
+    torch.testing.assert_close(emb["image"][0], own[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(emb["image"][1], own[1], rtol=0, atol=1e-5)
