@@ -35,7 +35,7 @@ from typing import Any
 
 from mar_rt.node.events import emit
 from mar_rt.node.spool import SeriesKey, Spool, instance_files
-from mar_rt.runtime.io.common import atomic_file
+from mar_rt.atomic import atomic_file
 
 READY, PROCESSING, TO_SEND, SENT, SKIPPED, FAILED = (
     "ready",

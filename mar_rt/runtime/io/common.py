@@ -12,13 +12,9 @@ Notation (DESIGN.md §3):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +22,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mar_rt.atomic import atomic_file as atomic_file  # re-exported
+from mar_rt.atomic import atomic_folder as atomic_folder  # re-exported
 from mar_rt.ct import units
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.resample import resample_images, resample_masks
@@ -294,53 +292,6 @@ def check_inside(path: Path, out_dir: Path) -> Path:
     if resolved != root and root not in resolved.parents:
         raise ValueError(f"refusing to write {path}: it lies outside the output folder {out_dir}")
     return resolved
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_folder(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; rename it to ``final`` when the block succeeds.
-
-    On an exception the temporary folder is removed and ``final`` never appears.  ``final``
-    must not exist yet.
-    """
-    final = Path(final)
-    if final.exists():
-        raise FileExistsError(f"refusing to overwrite {final}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide results from others
-        yield tmp
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final`` (same suffixes); ``os.replace`` it on success."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes)
-    fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        if tmp.exists():
-            os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _json_default(value: Any) -> Any:
