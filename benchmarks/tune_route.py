@@ -376,7 +376,8 @@ def main() -> None:
             case["name"],
             row["metal_px"],
             "  ".join(
-                f"{r}: NMAR {row[r]['nmar'][0]:.2f} cur {row[r]['dudocrop'][current][0]:.2f}"
+                f"{r}: NMAR {row[r]['nmar'][0]:.2f} best "
+                f"{max(v[0] for v in row[r]['dudocrop'].values()):.2f}"
                 for r in ROUTES
             ),
             time.perf_counter() - t0,
@@ -387,7 +388,8 @@ def main() -> None:
     for route in ROUTES:
         summ = summarise(rows, route)
         ranked = sorted((k for k in summ if k.startswith("mu=")), key=lambda k: -summ[k]["psnr"])
-        names = ["input", "li", "nmar", current] + [k for k in ranked[:8] if k != current]
+        names = ["input", "li", "nmar"] + [current] * (current in summ)
+        names += [k for k in ranked[:8] if k != current]
         text.append(table(summ, names, f"\n{route} route ({len(rows)} {split} cases)"))
     print("\n".join(text))
     result = json.loads(args.out.read_text())
