@@ -50,7 +50,7 @@ from mar_rt.runtime import osro
 from mar_rt.runtime.backends import GraphSet
 from mar_rt.runtime.config import PipelineConfig, Route
 from mar_rt.runtime.operators import Operators, select_operators
-from mar_rt.runtime.qa import QARecord, SliceQA, data_consistency_error
+from mar_rt.runtime.qa import QARecord, slice_qa_record
 from mar_rt.runtime.sampler import DomainSampler, ProgressFn, loop_generator
 
 log = logging.getLogger(__name__)
@@ -399,7 +399,8 @@ class DuDoCROPPipeline:
 
         # 6. QA
         t0 = self._now()
-        qa = self.qa_record(
+        qa = slice_qa_record(
+            self.projector,
             x_out=rows["x_out"],
             x_li=x_li,
             y_ma=y_ma,
@@ -410,6 +411,11 @@ class DuDoCROPPipeline:
             seed=int(seed),
             resampled_from=resampled_from,
             reruns=reruns,
+            backend=self.graphs.backend,
+            device=str(self.device),
+            bundle=self.bundle_name,
+            operators=self.operators.name,
+            config=self.config.to_dict(),
         )
         timings["qa"] += self._now() - t0
 
@@ -613,68 +619,6 @@ class DuDoCROPPipeline:
             x_out=x_out,
         )
 
-    def qa_record(
-        self,
-        *,
-        x_out: torch.Tensor,
-        x_li: torch.Tensor,
-        y_ma: torch.Tensor,
-        trace: torch.Tensor,
-        mask: torch.Tensor,
-        synthetic: bool,
-        steps: int,
-        seed: int,
-        resampled_from: tuple[int, int] | None,
-        reruns: dict[int, list[str]],
-    ) -> QARecord:
-        """One ``SliceQA`` per slice: DC(X_out) and DC(X_LI) outside the trace (metal slices),
-        metal size, pass-through, edge contact, fp32 reruns."""
-        metal_px = [int(v) for v in mask.sum(dim=(-2, -1)).tolist()]
-        metal_idx = [i for i, n in enumerate(metal_px) if n > 0]
-        dc_out: list[float | None] = [None] * len(metal_px)
-        dc_li: list[float | None] = [None] * len(metal_px)
-        if metal_idx:
-            sel = torch.tensor(metal_idx, device=self.device)
-            fp_out = self.projector.forward(x_out[sel])
-            fp_li = self.projector.forward(x_li[sel])
-            e_out = data_consistency_error(fp_out, y_ma[sel], trace[sel]).tolist()
-            e_li = data_consistency_error(fp_li, y_ma[sel], trace[sel]).tolist()
-            for j, i in enumerate(metal_idx):
-                dc_out[i], dc_li[i] = e_out[j], e_li[j]
-        edges = _edge_touching(mask)
-        slices = []
-        for i, n in enumerate(metal_px):
-            notes = []
-            if n == 0:
-                notes.append("no metal found: passed through unchanged")
-            if edges[i]:
-                log.warning("slice %d: metal touches the image edge", i)
-                notes.append("metal touches the image edge: its trace may be incomplete")
-            slices.append(
-                SliceQA(
-                    index=i,
-                    metal_px=n,
-                    metal_found=n > 0,
-                    sinogram_synthetic=synthetic,
-                    dc_error_output=dc_out[i],
-                    dc_error_li=dc_li[i],
-                    steps=steps,
-                    seed=seed,
-                    resampled_from=resampled_from,
-                    fp32_reruns=tuple(reruns.get(i, ())),
-                    notes=tuple(notes),
-                )
-            )
-        return QARecord(
-            slices=tuple(slices),
-            backend=self.graphs.backend,
-            device=str(self.device),
-            bundle=self.bundle_name,
-            operators=self.operators.name,
-            config=self.config.to_dict(),
-            route="image_only" if synthetic else "sinogram",
-        )
-
     # ------------------------------------------------------------------ machinery
     def _sampler(self, graphs: GraphSet, domain: str, steps: int) -> DomainSampler:
         name = self.config.sampler
@@ -814,13 +758,6 @@ def _as_batch(x: Any, name: str, device: torch.device, *, floating: bool = True)
 def _resample(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) → (B, *shape), same field of view (``mar_rt.ct.resample``)."""
     return resample_images(x, shape)
-
-
-def _edge_touching(mask: torch.Tensor) -> list[bool]:
-    edge = (
-        mask[:, 0, :].any(1) | mask[:, -1, :].any(1) | mask[:, :, 0].any(1) | mask[:, :, -1].any(1)
-    )
-    return [bool(v) for v in edge.tolist()]
 
 
 def _finite(out: Any) -> bool:
