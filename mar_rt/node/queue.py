@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mar_rt.atomic import atomic_file
 from mar_rt.node.events import emit
 from mar_rt.node.spool import SeriesKey, Spool, instance_files
-from mar_rt.atomic import atomic_file
 
 READY, PROCESSING, TO_SEND, SENT, SKIPPED, FAILED = (
     "ready",

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any
 
+from mar_rt.atomic import atomic_file
 from mar_rt.node.completion import CompletionTracker
 from mar_rt.node.config import NodeConfig
 from mar_rt.node.events import emit
@@ -29,7 +30,6 @@ from mar_rt.node.scp import StorageSCP
 from mar_rt.node.sender import SendError, send_series
 from mar_rt.node.spool import Spool
 from mar_rt.node.worker import worker_main
-from mar_rt.atomic import atomic_file
 
 CLEANUP_EVERY_S = 600.0
 WORKER_RESTART_MAX_S = 60.0

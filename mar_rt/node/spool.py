@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mar_rt.atomic import atomic_file
 from mar_rt.errors import MarRtError
 from mar_rt.node.events import emit
-from mar_rt.atomic import atomic_file
 
 RELEASED = "RELEASED"
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
