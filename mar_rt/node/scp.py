@@ -78,64 +78,44 @@ class StorageSCP:
         """C-STORE: spool the instance, answer at once."""
         assoc_id = self._assoc_id(event.assoc)
         calling_ae = str(event.assoc.requestor.ae_title).strip()
-        sop_class = str(event.request.AffectedSOPClassUID)
-        if sop_class != CT_IMAGE_STORAGE:
+
+        def refuse(status: int, level: int, **fields: Any) -> int:
             emit(
                 "store_refused",
-                level=logging.WARNING,
+                level=level,
                 assoc_id=assoc_id,
                 calling_ae=calling_ae,
-                sop_class=sop_class,
-                status="0x0122",
+                status=f"0x{status:04X}",
+                **fields,
             )
-            return STATUS_SOP_CLASS_NOT_SUPPORTED
+            return status
+
+        sop_class = str(event.request.AffectedSOPClassUID)
+        if sop_class != CT_IMAGE_STORAGE:
+            return refuse(STATUS_SOP_CLASS_NOT_SUPPORTED, logging.WARNING, sop_class=sop_class)
         try:
             ds = event.dataset
             uids = (ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"))
             sop_uid = str(event.request.AffectedSOPInstanceUID or ds.get("SOPInstanceUID") or "")
         except Exception as exc:  # any parser failure: the peer sent something unreadable
-            emit(
-                "store_refused",
-                level=logging.WARNING,
-                assoc_id=assoc_id,
-                calling_ae=calling_ae,
-                status="0xC000",
-                error=f"{type(exc).__name__}: {exc}",
+            return refuse(
+                STATUS_CANNOT_UNDERSTAND, logging.WARNING, error=f"{type(exc).__name__}: {exc}"
             )
-            return STATUS_CANNOT_UNDERSTAND
         if not all(uids) or not sop_uid:
-            emit(
-                "store_refused",
-                level=logging.WARNING,
-                assoc_id=assoc_id,
-                calling_ae=calling_ae,
-                status="0xA900",
+            return refuse(
+                STATUS_DATASET_MISMATCH,
+                logging.WARNING,
                 error="Study, Series or SOP Instance UID missing",
             )
-            return STATUS_DATASET_MISMATCH
         key = SeriesKey(calling_ae, str(uids[0]), str(uids[1]))
         try:
             self.spool.store(key, assoc_id, sop_uid, event.encoded_dataset())
         except SpoolFullError as exc:
-            emit(
-                "store_refused",
-                level=logging.ERROR,
-                assoc_id=assoc_id,
-                calling_ae=calling_ae,
-                status="0xA700",
-                error=str(exc),
-            )
-            return STATUS_OUT_OF_RESOURCES
+            return refuse(STATUS_OUT_OF_RESOURCES, logging.ERROR, error=str(exc))
         except OSError as exc:
-            emit(
-                "store_refused",
-                level=logging.ERROR,
-                assoc_id=assoc_id,
-                calling_ae=calling_ae,
-                status="0xA700",
-                error=f"spool write failed: {exc}",
+            return refuse(
+                STATUS_OUT_OF_RESOURCES, logging.ERROR, error=f"spool write failed: {exc}"
             )
-            return STATUS_OUT_OF_RESOURCES
         self.tracker.instance(key, assoc_id)
         return STATUS_OK
 

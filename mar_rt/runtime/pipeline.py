@@ -265,7 +265,7 @@ class DuDoCROPPipeline:
                     "(set on_size_mismatch='resample' to resample it)"
                 )
             log.warning("image_mu: resampling %d×%d → %d×%d (same field of view)", *src, *grid)
-            x = _resample(x, grid)
+            x = resample_images(x, grid)
             resampled_from = src
         y = None
         if sinogram is not None:
@@ -288,7 +288,7 @@ class DuDoCROPPipeline:
                 )
             m = m if m.dtype == torch.bool else m > 0.5
             if resampled_from is not None:
-                m = _resample(m.to(torch.float32), grid) >= 0.5
+                m = resample_images(m.to(torch.float32), grid) >= 0.5
         return x, y, m, resampled_from
 
     # ------------------------------------------------------------------ the recipe
@@ -422,7 +422,7 @@ class DuDoCROPPipeline:
         # resample back and restore the caller's shape; pass-through slices are the input
         output = out_grid
         if resampled_from is not None:
-            output = _resample(out_grid, resampled_from)
+            output = resample_images(out_grid, resampled_from)
             original = _as_batch(image_mu, "image_mu", self.device)
             keep = torch.tensor([not f for f in found], device=self.device)
             output = torch.where(keep[:, None, None], original, output)
@@ -753,11 +753,6 @@ def _as_batch(x: Any, name: str, device: torch.device, *, floating: bool = True)
     else:
         x = x.to(device=device)
     return x.contiguous()
-
-
-def _resample(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W) → (B, *shape), same field of view (``mar_rt.ct.resample``)."""
-    return resample_images(x, shape)
 
 
 def _finite(out: Any) -> bool:

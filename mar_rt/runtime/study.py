@@ -201,7 +201,8 @@ def correct_study(
     masks, detections = find_metal(study, hu, area, criteria)
     keep = ~masks.reshape(len(study), -1).any(1)
     metal_idx = [int(i) for i in np.flatnonzero(~keep)]
-    images_mu = hu_to_mu(hu, clip=False)
+    source_mu = hu_to_mu(hu, clip=False)  # the input, unclipped: kept slices and metal
+    images_mu = source_mu.copy()
     timings: dict[str, float] = {}
     slice_qa: dict[int, dict[str, Any]] = {}
     if resampled and metal_idx:
@@ -246,8 +247,7 @@ def correct_study(
 
     # 5. metal reinserted on the source grid
     if reinsert_metal and metal_idx:
-        original = hu_to_mu(hu, clip=False)
-        images_mu = np.where(masks, original, images_mu)
+        images_mu = np.where(masks, source_mu, images_mu)
 
     # 6. QA
     timings["correct"] = time.perf_counter() - t_start
