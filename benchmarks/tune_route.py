@@ -43,7 +43,7 @@ import torch
 from mar_rt.ct import metrics
 from mar_rt.ct.mar import METAL_THRESHOLD_MU, li_correct, nmar_correct, segment_metal
 from mar_rt.ct.masks import SIZE_GROUPS, body_outline, generate_metal_mask, size_limits
-from mar_rt.ct.sim_settings import TRAINING_RANGES
+from mar_rt.ct.sim_settings import TRAINING_RANGES, SimulationRanges
 from mar_rt.ct.simulate import simulate_metal_artifact
 from mar_rt.runtime import osro
 from mar_rt.runtime.config import ROUTES, PipelineConfig
@@ -94,14 +94,21 @@ def split_slices(data: Path, split: str) -> list[CleanSlice]:
     return split_by_series(slices)[split]
 
 
-def make_cases(slices: list[CleanSlice], n: int, seed: int, proj: Any) -> list[dict[str, Any]]:
-    """``n`` simulated cases, slices spread evenly, size groups in turn, random settings."""
+def make_cases(
+    slices: list[CleanSlice],
+    n: int,
+    seed: int,
+    proj: Any,
+    ranges: SimulationRanges = TRAINING_RANGES,
+) -> list[dict[str, Any]]:
+    """``n`` simulated cases, slices spread evenly, size groups in turn, settings drawn from
+    ``ranges``."""
     picks = np.linspace(0, len(slices) - 1, n).round().astype(int)
     cases = []
     for i, j in enumerate(picks):
         s = slices[int(j)]
         rng = np.random.default_rng([seed, i])
-        settings = TRAINING_RANGES.sample(rng)
+        settings = ranges.sample(rng)
         group = SIZE_GROUPS[i % len(SIZE_GROUPS)]
         lo_lim, hi_lim = size_limits(s.image_mu.shape)
         lo, hi = max(group.lo, lo_lim, 30), min(group.hi, hi_lim, 2500)
@@ -134,6 +141,7 @@ def make_cases(slices: list[CleanSlice], n: int, seed: int, proj: Any) -> list[d
                 "ma_ct": sim["ma_CT"].float().cpu(),
                 "ma_sino": sim["ma_sinogram"].float().cpu(),
                 "li_sino": sim["LI_sinogram"].float().cpu(),
+                "sim": sim,
             }
         )
     return cases

@@ -33,7 +33,12 @@ DataOpt = Annotated[
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Bundle folder to write.")]
-ConfigOpt = Annotated[str, typer.Option("--config", help="Recipe preset: tiny | paper.")]
+ConfigOpt = Annotated[
+    str,
+    typer.Option(
+        "--config", help="Recipe preset: tiny | tiny-cpu | tiny-gpu | clinical-cpu | paper | smoke."
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N.")]
 MinutesOpt = Annotated[
     float | None, typer.Option("--max-minutes", help="Wall-time budget of the whole command.")

@@ -278,6 +278,21 @@ OFFICIAL_MATCH = SimulationSettings(upsample=2, detector_aperture=1.0, view_aper
 TRAINING_RANGES = SimulationRanges()
 """Default ranges for training draws; they contain OFFICIAL_MATCH's resolution."""
 
+HELD_OUT_RANGES = SimulationRanges(
+    density_scale=(1.1, 1.25),
+    photons=(3e5, 1e6),
+    scatter=(50.0, 100.0),
+    scatter_fraction=(0.03, 0.06),
+    prefilter_cm=(0.04, 0.08),
+    upsample=(3,),
+    detector_aperture=(1.5, 2.5),
+    view_aperture=(3.0, 5.0),
+)
+"""Settings outside :data:`TRAINING_RANGES` wherever an interval can be (denser metal, fewer
+photons, more scatter and filtration, a 3× grid, wider apertures): evaluation cases that test
+whether a network learnt the artifact or the training simulator's signature. The choices
+(metal, BHC, kernel) cannot lie outside and are the training ones."""
+
 
 # --- the resolution check (benchmarks/sim_resolution.py, issue 21) ---------------------------
 FAR_MARGIN_PX = 25

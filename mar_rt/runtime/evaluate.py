@@ -3,7 +3,8 @@
 
 Layout: ``<case>/gt.h5`` + ``<case>/<k>.h5``, found recursively. Metal masks: ``DIR/testmask.npy``
 (512 × 512 × K, mask k for ``<k>.h5``, bilinear-resized to the grid and thresholded at 0.5) when
-present, else segmented from ``ma_CT`` (μ > ``mar_rt.ct.mar.METAL_THRESHOLD_MU``). Scores always
+present, else the case file's own ``mask`` (cases written by ``mar_rt.ct.syndeeplesion.write_case``
+carry it), else segmented from ``ma_CT`` (μ > ``mar_rt.ct.mar.METAL_THRESHOLD_MU``). Scores always
 use that mask.
 
 Routes (DESIGN §8, "Image-only input"):
@@ -185,10 +186,12 @@ def evaluate(
                         f"{case.case_path} needs mask {case.k}"
                     )
                 mask = torch.from_numpy(resize_mask(test_masks[..., case.k], grid))
+            elif "mask" in data:  # our simulated cases carry their true mask
+                mask = torch.from_numpy(np.asarray(data["mask"]) > 0.5)
             else:
                 mask = segment_metal(ma_ct, METAL_THRESHOLD_MU)
             # what the methods see: the measured sinogram and the mask, or ma_CT alone
-            if image_only and test_masks is not None:
+            if image_only and (test_masks is not None or "mask" in data):
                 method_mask = segment_metal(ma_ct, METAL_THRESHOLD_MU)
             else:
                 method_mask = mask

@@ -1,5 +1,5 @@
 """How many pairs of which slices the data stage draws (:class:`DataConfig`), as jobs, and
-the image-only view of pairs (:func:`image_only_view`, ``DataConfig.image_only_inputs``).
+the image-only view of pairs (:func:`image_only_view`, ``DataConfig.image_inputs``).
 
 Notation (DESIGN.md §8 "Image-only input"): X_ma = ``ma_CT``; on the image-only route the
 pipeline sees X_ma alone, so Y_ma = FP(X_ma) (a reprojection, not a measurement), the mask is
@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from mar_rt.train.pairs import PairSet
 
 
+IMAGE_INPUTS = ("measured", "image_only", "both")
+"""What the image U-Net's μ is made from (``DataConfig.image_inputs``)."""
+
+SIM_RANGES = ("protocol", "training")
+"""Simulator settings of training pairs (``DataConfig.sim_ranges``)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """How training pairs are drawn. ``masks_per_slice`` pairs per real slice,
@@ -35,10 +42,20 @@ class DataConfig:
     (0: the validation set). ``clip_clean``: DuDoCLIP's set also holds each training slice's
     metal-free scan, labelled "no metal" (:func:`clip_set` ``clean``).
 
-    ``image_only_inputs``: the image domain (and the residual built on it) trains on inputs
-    made the way the image-only route makes them (:func:`image_only_view`: Y_ma = FP(ma_CT),
-    then LI / NMAR of that), not on the measured ``ma_sinogram``'s LI / NMAR. Targets are
-    unchanged."""
+    ``image_inputs``: what the image U-Net's μ is made from. "measured": LI / NMAR of the
+    pair's ``ma_sinogram``; "image_only": as the image-only route makes it
+    (:func:`image_only_view`: Y_ma = FP(ma_CT), mask segmented, then LI / NMAR of that);
+    "both": every pair twice, once each way (one network for both routes). Targets are
+    unchanged.
+
+    ``sim_ranges``: the simulator settings of each training pair. "protocol": the
+    SynDeepLesion protocol (``SimulationSettings()``), as every pair was made before;
+    "training": a seeded draw from ``mar_rt.ct.sim_settings.TRAINING_RANGES`` per pair
+    (resolution, spectrum, beam-hardening correction, photons, scatter, kernel, density), the
+    implant's metal kept (``mar_rt.train.pairs.pair_settings``).
+
+    ``exclude_series``: series (``mar_rt.train.sources.series_id``) never trained on although
+    the split would train them, e.g. the official simulated cases kept as a domain check."""
 
     masks_per_slice: int = 8
     phantoms: int = 12
@@ -51,7 +68,19 @@ class DataConfig:
     clip_phantom_masks: int = 0
     clip_val_masks: int = 0
     clip_clean: bool = False
-    image_only_inputs: bool = False
+    image_inputs: str = "measured"
+    sim_ranges: str = "protocol"
+    exclude_series: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.image_inputs not in IMAGE_INPUTS:
+            raise ValueError(
+                f"DataConfig.image_inputs must be one of {IMAGE_INPUTS}, got {self.image_inputs!r}"
+            )
+        if self.sim_ranges not in SIM_RANGES:
+            raise ValueError(
+                f"DataConfig.sim_ranges must be one of {SIM_RANGES}, got {self.sim_ranges!r}"
+            )
 
     def clip_counts(self) -> DataConfig:
         """This config with DuDoCLIP's counts as the pair counts (for :func:`training_jobs`)."""

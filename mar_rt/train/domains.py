@@ -39,6 +39,26 @@ class DomainData:
         return int(self.x0.shape[0])
 
 
+def concat_domains(parts: list[DomainData]) -> DomainData:
+    """One domain's arrays from several views of it (e.g. the same pairs as both routes make
+    μ), items in order; the parts must share ``kind`` and device."""
+    if not parts:
+        raise ValueError("no domain data to concatenate")
+    kinds = {p.kind for p in parts}
+    if len(kinds) != 1:
+        raise ValueError(f"cannot concatenate domains of kinds {sorted(kinds)}")
+    if len(parts) == 1:
+        return parts[0]
+    return DomainData(
+        kind=parts[0].kind,
+        **{n: torch.cat([getattr(p, n) for p in parts]) for n in _ARRAYS},
+        points=[pt for p in parts for pt in p.points],
+    )
+
+
+_ARRAYS = ("x0", "mu", "weight", "content", "artifact")
+
+
 def focus_points(focus: torch.Tensor, max_points: int = 4096) -> list[torch.Tensor]:
     """Per item of bool (N, H, W): up to ``max_points`` (row, col) of its True pixels (CPU
     int32, evenly strided), where focused crops are centred."""

@@ -13,6 +13,7 @@ Notation (DESIGN.md §3, §5):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mar_rt.ct import physics
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.mar import METAL_THRESHOLD_MU
 from mar_rt.ct.masks import body_outline
+from mar_rt.ct.sim_settings import TRAINING_RANGES, SimulationSettings
 from mar_rt.ct.simulate import simulate_metal_artifact
 from mar_rt.ct.syndeeplesion import read_case, read_gt, write_case
 from mar_rt.errors import BadInputError
@@ -43,13 +46,46 @@ GEOMETRY = FanBeamGeometry.syndeeplesion()
 """The geometry every pair is simulated in."""
 
 
+SIM_RANGES = {"protocol": None, "training": TRAINING_RANGES}
+"""``DataConfig.sim_ranges`` → where each pair's simulator settings are drawn (None: the
+protocol's fixed ``SimulationSettings()``)."""
+
+
+def pair_settings(sim_ranges: str, seed: int, material: str) -> SimulationSettings:
+    """The simulator settings of the pair seeded ``seed`` with implant metal ``material``.
+
+    "protocol": ``SimulationSettings(material=material)``. "training": one draw from
+    ``TRAINING_RANGES`` by ``default_rng([seed, 7])`` (its own stream: the implant's draws use
+    ``seed`` itself), with the drawn metal replaced by ``material`` at the drawn density scale
+    (so the implant mix of ``implants.MATERIALS`` holds)."""
+    ranges = SIM_RANGES[sim_ranges]
+    if ranges is None:
+        return SimulationSettings(material=material)
+    draw = ranges.sample(np.random.default_rng([int(seed), 7]))
+    scale = (draw.metal_density or physics.DENSITY[draw.material]) / physics.DENSITY[draw.material]
+    metal = physics.material_name(material)
+    return dataclasses.replace(
+        draw, material=metal, metal_density=float(physics.DENSITY[metal] * scale)
+    )
+
+
 def simulate_pair(
-    image_mu: np.ndarray, mask: np.ndarray, *, material: str, seed: int, device: str | torch.device
+    image_mu: np.ndarray,
+    mask: np.ndarray,
+    *,
+    material: str,
+    seed: int,
+    device: str | torch.device,
+    settings: SimulationSettings | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``simulate_metal_artifact`` on ``device`` → the official fields as tensors there."""
+    """``simulate_metal_artifact`` on ``device`` → the official fields as tensors there.
+    ``settings`` (default: the protocol) with its metal set to ``material``."""
     x = torch.from_numpy(np.ascontiguousarray(image_mu, dtype=np.float32)).to(device)
     m = torch.from_numpy(np.ascontiguousarray(mask)).to(device)
-    return simulate_metal_artifact(x, m, geometry=GEOMETRY, material=material, seed=seed)
+    cfg = SimulationSettings(material=material) if settings is None else settings
+    if cfg.material != physics.material_name(material):
+        raise ValueError(f"settings are for {cfg.material}, the implant is {material}")
+    return simulate_metal_artifact(x, m, geometry=GEOMETRY, seed=seed, settings=cfg)
 
 
 _PAIR_FIELDS = (
@@ -120,11 +156,22 @@ def _read_pair(folder: Path, k: int, gt: dict[str, np.ndarray]) -> dict[str, tor
     return t
 
 
-def _read_index(folder: Path) -> dict[str, PairMeta]:
+def _read_index(folder: Path, config: dict[str, Any] | None = None) -> dict[str, PairMeta]:
+    """The cached pairs of ``folder``; none when ``config`` is given and the cache was made with
+    other simulator settings (an index without ``sim_ranges`` was made with the protocol's)."""
     path = folder / INDEX
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
+    made = data.get("config", {}).get("sim_ranges", "protocol")
+    if config is not None and made != config["sim_ranges"]:
+        log.warning(
+            "%s: pairs made with sim_ranges=%r, not %r; not reused",
+            path,
+            made,
+            config["sim_ranges"],
+        )
+        return {}
     return {f"{m['slice_id']}/{m['k']}": PairMeta.from_dict(m) for m in data.get("pairs", [])}
 
 
@@ -148,6 +195,7 @@ def generate_pairs(
     progress: Callable[[int, int], None] | None = None,
     fixed_masks: Sequence[tuple[np.ndarray, str]] | None = None,
     min_pairs: int = 1,
+    sim_ranges: str = "protocol",
 ) -> PairSet:
     """Simulate (or read from ``cache_dir``) the pairs ``jobs`` = [(slice index, k, size_px or
     None)] of ``slices``.
@@ -159,11 +207,15 @@ def generate_pairs(
     ``deadline`` (``time.monotonic()`` value) stops early with the pairs made so far, but
     never before ``min_pairs`` pairs.
     Tensors are kept on ``store_device`` (default ``device``). ``fixed_masks[k]`` = (mask, kind),
-    when given, is pair k's titanium implant (validation).
+    when given, is pair k's titanium implant (validation). ``sim_ranges``: each pair's simulator
+    settings (:func:`pair_settings`); a cache made with other settings is not reused.
     """
+    if sim_ranges not in SIM_RANGES:
+        raise ValueError(f"sim_ranges must be one of {sorted(SIM_RANGES)}, got {sim_ranges!r}")
     store = torch.device(store_device or device)
     folder = Path(cache_dir) if cache_dir is not None else None
-    index = _read_index(folder) if folder is not None else {}
+    config = {"seed": int(seed), "sim_ranges": sim_ranges}
+    index = _read_index(folder, config) if folder is not None else {}
     items: list[tuple[PairMeta, dict[str, torch.Tensor]]] = []
     gt_cache: dict[str, dict[str, np.ndarray]] = {}
     for n, (si, k, size_px) in enumerate(jobs):
@@ -191,7 +243,10 @@ def generate_pairs(
             else:
                 body = body_outline(sl.image_mu)
                 mask, kind, material = draw_implant(body, pseed, size_px=size_px, bin_index=k)
-            fields = simulate_pair(sl.image_mu, mask, material=material, seed=pseed, device=device)
+            settings = pair_settings(sim_ranges, pseed, material)
+            fields = simulate_pair(
+                sl.image_mu, mask, material=material, seed=pseed, device=device, settings=settings
+            )
             meta = describe_pair(
                 sl.slice_id, k, pseed, material, kind, sl.image_mu,
                 fields["ma_CT"].cpu().numpy(), mask,
@@ -206,7 +261,7 @@ def generate_pairs(
                 gt_cache.setdefault(sl.slice_id, read_gt(gt_path))
                 write_case(sub, fields, k=k)
                 index[case] = meta
-                _write_index(folder, index, {"seed": int(seed)})
+                _write_index(folder, index, config)
                 # the slice's cached gt (its first pair's poly_sinogram) is every pair's target
                 fields = _read_pair(sub, k, gt_cache[sl.slice_id])
             items.append((meta, {n_: fields[n_].to(store) for n_ in _PAIR_FIELDS}))

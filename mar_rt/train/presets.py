@@ -3,6 +3,8 @@ per preset in ``PRESETS``; :func:`recipe_config` hands out a copy with the run's
 
     tiny-gpu, tiny-cpu   the demo bundle, batch sizes and counts scaled for a CUDA GPU or a
                          CPU (``tiny`` picks one by device)
+    clinical-cpu         tiny-cpu's networks fine-tuned on real series with random simulator
+                         settings and both routes' inputs (``--init-from`` a tiny bundle)
     smoke                a minutes-free end-to-end check: one pair, a few steps, toy networks
     paper                ViT-B/32 + nf 64, for real hardware
 
@@ -170,6 +172,26 @@ TINY_CPU = with_seed(
 )  # fmt: skip
 """The demo bundle's recipe on a CPU."""
 
+CLINICAL_CPU = with_seed(
+    dataclasses.replace(
+        TINY_CPU,
+        name="clinical",
+        # real series (``mar-rt train --data ../shared/data --data ../shared/data/ct-volumes``:
+        # the train split of ``mar_rt.train.split``), each pair simulated with its own settings,
+        # the image U-Net seeing both routes' μ; the DuDoCLIP networks come from ``--init-from``
+        data=DataConfig(
+            masks_per_slice=3, phantoms=4, phantom_masks=2, sim_ranges="training",
+            image_inputs="both",
+            # the two official SynDeepLesion cases: a domain check of the official simulator
+            exclude_series=("deeplesion_000129", "deeplesion_000195"),
+        ),
+        pipeline=dataclasses.replace(TINY_CPU.pipeline, image_only={"alpha": 1.0}),
+    ),
+    0,
+)  # fmt: skip
+"""The demo bundle's clinical fine-tune on a CPU: the tiny networks, real series, random
+simulator settings, both routes (issue 21)."""
+
 # --- smoke ---------------------------------------------------------------------------------------
 _SMOKE_CLIP_TRAIN = ClipTrainConfig(steps=3, batch=2, log_every=0)
 _SMOKE_UNET_TRAIN = SDETrainConfig(steps=3, batch=2, patch=32, warmup=1, log_every=0, val_every=2)
@@ -228,6 +250,7 @@ PAPER = with_seed(
 PRESETS: dict[str, RecipeConfig] = {
     "tiny-gpu": TINY_GPU,
     "tiny-cpu": TINY_CPU,
+    "clinical-cpu": CLINICAL_CPU,
     "smoke": SMOKE,
     "paper": PAPER,
 }
@@ -243,6 +266,7 @@ def recipe_config(name: str = "tiny", *, device: str = "cpu", seed: int = 0) -> 
     preset = PRESETS.get(name)
     if preset is None:
         raise ValueError(
-            f"unknown recipe config {name!r}; choose tiny, tiny-gpu, tiny-cpu, paper or smoke"
+            f"unknown recipe config {name!r}; choose tiny, tiny-gpu, tiny-cpu, clinical-cpu, "
+            "paper or smoke"
         )
     return with_seed(copy.deepcopy(preset), seed)

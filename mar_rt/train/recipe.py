@@ -24,6 +24,8 @@ short still leaves a usable bundle. Validation during training and stages 7 and 
 Checkpoints live in ``<work>/ckpt``; ``resume`` skips finished stages and continues a
 U-Net run from its checkpoint. ``init_from`` (a bundle) starts every U-Net from that bundle's
 weights instead of ``identity_init``: fine-tuning an existing bundle with a new recipe or data.
+Its DuDoCLIP networks (when their config is the recipe's) serve where no CLIP stage runs and no
+checkpoint exists, so U-Nets can be fine-tuned in a fresh work folder.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from mar_rt.train.clip_trainer import embed, train_clip
 from mar_rt.train.data_config import image_only_view, training_jobs
 from mar_rt.train.domains import (
     DomainData,
+    concat_domains,
     image_domain,
     residual_domain,
     sinogram_domain,
@@ -223,7 +226,7 @@ class Run:
     clip_train: ClipSet | None = None  # DuDoCLIP's own pairs (``DataConfig.clip_*``)
     clip_val: ClipSet | None = None  # its zero-shot (PI_s) cases
     emb: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    init: dict[str, dict[str, torch.Tensor]] | None = None  # U-Net name → starting weights
+    init: dict[str, dict[str, torch.Tensor]] | None = None  # network name → starting weights
 
     def ckpt(self, name: str) -> Path:
         (self.work / "ckpt").mkdir(parents=True, exist_ok=True)
@@ -264,7 +267,9 @@ def _stage_data(run: Run, slices: Sequence[CleanSlice]) -> None:
     r = run.recipe
     dev = run.device
     phantoms = phantom_slices(r.data.phantoms, r.data.seed)
-    train_slices, val_slices = split_slices(list(slices) + phantoms, r.data.val_ids)
+    train_slices, val_slices = split_slices(
+        list(slices) + phantoms, r.data.val_ids, r.data.exclude_series
+    )
     if not val_slices:
         log.warning("no validation slices among the sources (%s)", r.data.val_ids)
     deadline = run.clock.deadline("data")
@@ -277,7 +282,7 @@ def _stage_data(run: Run, slices: Sequence[CleanSlice]) -> None:
     run.train = generate_pairs(
         train_slices, training_jobs(train_slices, r.data), seed=r.data.seed, device=dev,
         cache_dir=run.work / "cache" / "train" if r.cache_pairs else None, deadline=deadline,
-        min_pairs=len(train_slices),
+        min_pairs=len(train_slices), sim_ranges=r.data.sim_ranges,
         progress=(lambda i, n: log.info("data: pair %d/%d", i, n)) if run.progress else None,
     )  # fmt: skip
     check_no_validation(run.train.metas, r.data.val_ids)
@@ -316,7 +321,9 @@ def _clip_data(
     common = {"seed": r.data.seed, "size": r.clip.image_size, "device": run.device}
     if own_set and (counts.masks_per_slice or counts.phantom_masks):
         phantoms = phantom_slices(counts.phantoms, r.data.seed)
-        train_slices, _ = split_slices(list(slices) + phantoms, r.data.val_ids)
+        train_slices, _ = split_slices(
+            list(slices) + phantoms, r.data.val_ids, r.data.exclude_series
+        )
         run.clip_train = clip_set(
             train_slices, training_jobs(train_slices, counts), **common,
             cache_file=run.work / "cache" / "clip_train.pt", progress=log_progress,
@@ -341,6 +348,9 @@ def _stage_clip(run: Run, domain: str) -> None:
     if run.load(name) and ck.is_file():
         model.load_state_dict(torch.load(ck, map_location=run.device, weights_only=True))
         log.info("%s: loaded from %s", name, ck)
+    elif name not in run.stages and run.init is not None and name in run.init:
+        model.load_state_dict(run.init[name], strict=True)
+        log.info("%s: taken from the init bundle", name)
     elif name not in run.stages:
         raise MarRtError(f"{name} is needed but not trained yet (run `mar-rt train clip` first)")
     else:
@@ -393,6 +403,16 @@ def open_init_bundle(folder: str | os.PathLike[str], recipe: RecipeConfig) -> Bu
     return bundle
 
 
+def init_clips(bundle: Bundle, recipe: RecipeConfig) -> tuple[str, ...]:
+    """The DuDoCLIP networks of ``bundle`` with the recipe's CLIP config: the starting (and,
+    when their stage does not run, the final) weights of those towers."""
+    return tuple(
+        n
+        for n in ("clip_image", "clip_sinogram")
+        if n in bundle.network_names and bundle.network_config(n) == recipe.clip
+    )
+
+
 def _new_unet(run: Run, domain: str) -> ConditionalUNet:
     """A U-Net to train: the ``init_from`` bundle's weights (fp32), else seeded
     ``identity_init``."""
@@ -441,12 +461,15 @@ def _domain_data(run: Run, domain: str) -> DomainData:
         run.train = with_nmar(run.train)
     if domain == "image":
         c, a = run.emb["image"]
-        if r.data.image_only_inputs:  # μ made as the image-only route makes it
+        parts = []
+        if r.data.image_inputs in ("measured", "both"):
+            parts.append(image_domain(run.train, c, a, mu_source=r.pipeline.mu_source))
+        if r.data.image_inputs in ("image_only", "both"):  # μ as the image-only route makes it
             mu_source = r.pipeline.for_route("image_only").mu_source
             pairs = image_only_view(run.train)
             pairs = with_nmar(pairs) if mu_source == "nmar" else pairs
-            return image_domain(pairs, c, a, mu_source=mu_source)
-        return image_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
+            parts.append(image_domain(pairs, c, a, mu_source=mu_source))
+        return concat_domains(parts)
     c, a = run.emb["sinogram"]
     return sinogram_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
 
@@ -616,7 +639,9 @@ def train_bundle(
     ``load_clean_slices``, or CleanSlices) and write the bundle to ``out``.
 
     ``init_from``: a bundle whose U-Nets (same config and SDE as the recipe, checked before
-    any stage runs) are the starting weights of the U-Nets trained here.
+    any stage runs) are the starting weights of the U-Nets trained here; its DuDoCLIP
+    networks of the recipe's config stand in for CLIP stages that neither run nor have a
+    checkpoint (:func:`init_clips`).
 
     ``max_minutes`` is the whole run's wall-time budget (None: the recipe's step counts);
     ``work_dir`` (default ``<out>.work``) holds the pair cache, the validation set (``val/``,
@@ -626,7 +651,10 @@ def train_bundle(
     init = open_init_bundle(init_from, recipe) if init_from is not None else None
     # read now: ``out`` may be the init bundle itself, rewritten after each U-Net stage
     states = (
-        {n: {k: v.float() for k, v in init.state_dict(n).items()} for n in UNET_NAMES}
+        {
+            n: {k: v.float() for k, v in init.state_dict(n).items()}
+            for n in (*UNET_NAMES, *init_clips(init, recipe))
+        }
         if init is not None else None
     )  # fmt: skip
     out = Path(out)

@@ -84,16 +84,23 @@ def split_by_series(
 
 
 def split_slices(
-    slices: Sequence[CleanSlice], val_ids: Sequence[str] = VAL_IDS
+    slices: Sequence[CleanSlice],
+    val_ids: Sequence[str] = VAL_IDS,
+    exclude_series: Sequence[str] = (),
 ) -> tuple[list[CleanSlice], list[CleanSlice]]:
     """(train, val) by slice id: ids in ``val_ids`` (always including ``RESERVED_VAL_ID``) go to
-    validation; slices of a series that ``SERIES_SPLIT`` holds out (tune or validation) go to
-    neither; everything else to training. Order follows the sorted ids (deterministic)."""
+    validation; slices of a series that ``SERIES_SPLIT`` holds out (tune or validation) or
+    that ``exclude_series`` names go to neither; everything else to training. Order follows
+    the sorted ids (deterministic)."""
     val_set = set(val_ids) | {RESERVED_VAL_ID}
     ordered = sorted(slices, key=lambda s: s.slice_id)
     val = [s for s in ordered if s.slice_id in val_set]
     train = [
-        s for s in ordered if s.slice_id not in val_set and series_split(series_id(s)) == "train"
+        s
+        for s in ordered
+        if s.slice_id not in val_set
+        and series_split(series_id(s)) == "train"
+        and series_id(s) not in exclude_series
     ]
     assert all(s.slice_id != RESERVED_VAL_ID for s in train)
     return train, val

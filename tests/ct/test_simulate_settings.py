@@ -277,6 +277,23 @@ def test_settings_round_trip_and_seeded_draws() -> None:
     assert (d.material, d.photons, d.bhc) == ("Fe", pytest.approx(1e6), "none")
 
 
+def test_held_out_draws_lie_outside_the_training_intervals() -> None:
+    """HELD_OUT_RANGES: every interval it changes lies beyond TRAINING_RANGES' (touching at
+    most at the end point), so its cases are out of the training distribution there."""
+    from mar_rt.ct.sim_settings import HELD_OUT_RANGES
+
+    t, h = TRAINING_RANGES, HELD_OUT_RANGES
+    rng = np.random.default_rng(3)
+    for d in (h.sample(rng) for _ in range(100)):
+        assert d.photons <= t.photons[0]  # fewer photons than any training pair
+        assert d.scatter >= t.scatter[1] and d.scatter_fraction >= t.scatter_fraction[1]
+        assert d.prefilter_cm >= t.prefilter_cm[1]
+        assert d.detector_aperture >= t.detector_aperture[1]
+        assert d.view_aperture >= t.view_aperture[1]
+        assert d.upsample not in t.upsample
+        assert d.metal_density >= physics.DENSITY[d.material] * t.density_scale[1]
+
+
 def test_resolution_figure_closed_form() -> None:
     image = np.full((64, 64), 0.2)
     image[:, 40:] = 0.3  # one vertical edge: columns 39 and 40 carry the gradient

@@ -156,6 +156,32 @@ def test_eval_small_set_with_test_masks_and_ablations(small_set, tmp_path_factor
     assert len({a, b, c}) == 3
 
 
+def test_eval_takes_the_case_files_own_mask(small_set, tmp_path_factory, tmp_path):
+    """Without testmask.npy, cases that carry their mask (ours) are scored on that mask, not
+    on a segmentation of ma_CT."""
+    import shutil
+
+    from mar_rt.ct.syndeeplesion import read_case
+
+    root = tmp_path / "set"
+    shutil.copytree(small_set / "case_a", root / "case_a")
+    for case in find_cases(root):  # a mask segmentation could never give: one more row
+        with h5py.File(case.case_path, "r+") as f:
+            m = f["mask"][()]
+            del f["mask"]
+            f["mask"] = np.maximum(m, np.roll(m, 1, axis=0))
+    out = tmp_path / "eval.json"
+    bundle = micro_bundle(tmp_path_factory)  # its 64² geometry
+    args = ["eval", str(root), "--json", str(out), "--bundle", str(bundle), "--backend", "torch",
+            "--methods", "input,dudocrop"]  # fmt: skip
+    res = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for case, row in zip(find_cases(root), json.loads(out.read_text())["cases"], strict=True):
+        data = read_case(case.case_path)
+        assert row["metal_px"] == int((data["mask"] > 0.5).sum())
+        assert row["metal_px"] > int(segment_metal(torch.from_numpy(data["ma_CT"]), 0.672).sum())
+
+
 def test_eval_refuses_bad_requests(small_set, tmp_path):
     res = CliRunner().invoke(app, ["eval", str(tmp_path), "--methods", "input"])
     assert res.exit_code == 1 and "no SynDeepLesion cases" in res.output

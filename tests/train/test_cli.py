@@ -174,3 +174,26 @@ def test_init_from_refuses_a_bundle_of_another_config(smoke_run):
     assert result.exit_code == 1
     assert "bundle.json" in result.output and "differs from the recipe" in result.output
     assert not (root / "other").exists()
+
+
+def test_init_from_in_a_fresh_work_folder_takes_the_bundle_clip(smoke_run):
+    """No CLIP checkpoint and no CLIP stage: the init bundle's DuDoCLIP networks serve, and the
+    fine-tuned bundle carries them unchanged."""
+    import torch
+
+    from mar_rt.cli import app
+    from mar_rt.models.bundle import load_bundle
+
+    root, _ = smoke_run
+    args = ["train", "sde", "--domain", "image", "--config", "smoke", "--data", str(root / "src"),
+            "--data", str(root / "src_val"), "--out", str(root / "fresh"),
+            "--work", str(root / "fresh.work"), "--init-from", str(root / "bundle"), "--quiet",
+            "--threads", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert not (root / "fresh.work" / "ckpt" / "clip_image.pt").exists()
+    start, tuned = load_bundle(root / "bundle"), load_bundle(root / "fresh")
+    for name in ("clip_image", "clip_sinogram"):
+        a, b = start.state_dict(name), tuned.state_dict(name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)

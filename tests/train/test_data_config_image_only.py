@@ -1,4 +1,4 @@
-"""DataConfig.image_only_inputs: pairs seen the way the image-only route sees them."""
+"""DataConfig.image_inputs: pairs seen the way the image-only route sees them."""
 
 from __future__ import annotations
 
@@ -54,5 +54,5 @@ def test_image_only_view_is_what_the_route_computes():
     for name in ("image", "ma_CT", "poly_sinogram"):  # inputs and targets kept
         assert torch.equal(v[name], f[name])
     assert "NMAR_CT" not in v and view.metas == pairs.metas
-    assert DataConfig().image_only_inputs is False
-    assert DataConfig(image_only_inputs=True).to_dict()["image_only_inputs"] is True
+    assert DataConfig().image_inputs == "measured"
+    assert DataConfig(image_inputs="both").to_dict()["image_inputs"] == "both"
