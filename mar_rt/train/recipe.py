@@ -639,7 +639,8 @@ def train_bundle(
     ``load_clean_slices``, or CleanSlices) and write the bundle to ``out``.
 
     ``init_from``: a bundle whose U-Nets (same config and SDE as the recipe, checked before
-    any stage runs) are the starting weights of the U-Nets trained here; its DuDoCLIP
+    any stage runs) are the starting weights of the U-Nets trained here, and the final
+    weights of those not trained (their loops stay on in the bundle's pipeline); its DuDoCLIP
     networks of the recipe's config stand in for CLIP stages that neither run nor have a
     checkpoint (:func:`init_clips`).
 
@@ -679,6 +680,8 @@ def train_bundle(
             "bundle": str(init.folder),
             "sha256": {n: nets[n]["sha256"] for n in UNET_NAMES},
         }
+        # the init bundle's U-Nets are trained: one not retrained here keeps its loop on
+        run.trained.update(UNET_NAMES)
     if torch.device(device).type == "cuda":
         run.report["gpu"] = torch.cuda.get_device_name(torch.device(device))
     slices = (

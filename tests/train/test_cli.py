@@ -178,7 +178,7 @@ def test_init_from_refuses_a_bundle_of_another_config(smoke_run):
 
 def test_init_from_in_a_fresh_work_folder_takes_the_bundle_clip(smoke_run):
     """No CLIP checkpoint and no CLIP stage: the init bundle's DuDoCLIP networks serve, and the
-    fine-tuned bundle carries them unchanged."""
+    fine-tuned bundle carries them unchanged; its U-Nets not retrained keep their loops on."""
     import torch
 
     from mar_rt.cli import app
@@ -197,3 +197,8 @@ def test_init_from_in_a_fresh_work_folder_takes_the_bundle_clip(smoke_run):
         a, b = start.state_dict(name), tuned.state_dict(name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
+    # the U-Nets not retrained are the init bundle's trained ones: their loops stay on
+    pipe = tuned.config["pipeline"]
+    assert pipe["run_sinogram_sde"] and pipe["run_osro"] and pipe["osro_residual"]
+    report = json.loads((root / "fresh" / "train_report.json").read_text())
+    assert report["trained"] == ["unet_image", "unet_residual", "unet_sinogram"]
