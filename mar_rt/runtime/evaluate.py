@@ -191,10 +191,7 @@ def evaluate(
             else:
                 mask = segment_metal(ma_ct, METAL_THRESHOLD_MU)
             # what the methods see: the measured sinogram and the mask, or ma_CT alone
-            if image_only and (test_masks is not None or "mask" in data):
-                method_mask = segment_metal(ma_ct, METAL_THRESHOLD_MU)
-            else:
-                method_mask = mask
+            method_mask = segment_metal(ma_ct, METAL_THRESHOLD_MU) if image_only else mask
             method_sino = None if image_only else ma_sino.to(proj.device)
             outputs: dict[str, torch.Tensor] = {}
             for m in methods:

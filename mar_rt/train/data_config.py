@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mar_rt.train.pairs import SIM_RANGES
 from mar_rt.train.sources import CleanSlice
 from mar_rt.train.split import VAL_IDS
 from mar_rt.train.validation_set import VAL_SIZES_PX
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
 
 IMAGE_INPUTS = ("measured", "image_only", "both")
 """What the image U-Net's μ is made from (``DataConfig.image_inputs``)."""
-
-SIM_RANGES = ("protocol", "training")
-"""Simulator settings of training pairs (``DataConfig.sim_ranges``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +77,7 @@ class DataConfig:
             )
         if self.sim_ranges not in SIM_RANGES:
             raise ValueError(
-                f"DataConfig.sim_ranges must be one of {SIM_RANGES}, got {self.sim_ranges!r}"
+                f"DataConfig.sim_ranges must be one of {tuple(SIM_RANGES)}, got {self.sim_ranges!r}"
             )
 
     def clip_counts(self) -> DataConfig:

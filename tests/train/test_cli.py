@@ -121,6 +121,13 @@ def test_clip_without_own_set_trains_on_the_unet_pairs(smoke_run, tmp_path):
     assert report["stages"]["clip_image"]["pairs"] == 1
 
 
+def _fine_tune_args(root, out: str, work: str, init: str) -> list[str]:
+    """`mar-rt train sde --domain image` (smoke) from bundle ``root/init`` into ``root/out``."""
+    return ["train", "sde", "--domain", "image", "--config", "smoke", "--data", str(root / "src"),
+            "--data", str(root / "src_val"), "--out", str(root / out), "--work", str(root / work),
+            "--init-from", str(root / init), "--quiet", "--threads", "1"]  # fmt: skip
+
+
 def test_init_from_starts_the_unets_at_the_bundle_weights(smoke_run):
     import torch
 
@@ -137,10 +144,7 @@ def test_init_from_starts_the_unets_at_the_bundle_weights(smoke_run):
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     keys = ("sde", "geometry", "normalisation", "pipeline", "prompt_version")
     save_bundle(root / "start", {k: trained.config[k] for k in keys}, nets)
-    args = ["train", "sde", "--domain", "image", "--config", "smoke", "--data", str(root / "src"),
-            "--data", str(root / "src_val"), "--out", str(root / "tuned"),
-            "--work", str(root / "bundle.work"), "--init-from", str(root / "start"), "--quiet",
-            "--threads", "1"]  # fmt: skip
+    args = _fine_tune_args(root, "tuned", "bundle.work", "start")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     start, tuned = load_bundle(root / "start"), load_bundle(root / "tuned")
@@ -185,10 +189,7 @@ def test_init_from_in_a_fresh_work_folder_takes_the_bundle_clip(smoke_run):
     from mar_rt.models.bundle import load_bundle
 
     root, _ = smoke_run
-    args = ["train", "sde", "--domain", "image", "--config", "smoke", "--data", str(root / "src"),
-            "--data", str(root / "src_val"), "--out", str(root / "fresh"),
-            "--work", str(root / "fresh.work"), "--init-from", str(root / "bundle"), "--quiet",
-            "--threads", "1"]  # fmt: skip
+    args = _fine_tune_args(root, "fresh", "fresh.work", "bundle")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert not (root / "fresh.work" / "ckpt" / "clip_image.pt").exists()
