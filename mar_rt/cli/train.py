@@ -36,7 +36,9 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Bundle folder to write.")]
 ConfigOpt = Annotated[
     str,
     typer.Option(
-        "--config", help="Recipe preset: tiny | tiny-cpu | tiny-gpu | clinical-cpu | paper | smoke."
+        "--config",
+        help="Recipe preset: tiny | tiny-cpu | tiny-gpu | clinical-cpu | clinical-cpu-s4 | "
+        "paper | smoke.",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N.")]

@@ -5,6 +5,7 @@ per preset in ``PRESETS``; :func:`recipe_config` hands out a copy with the run's
                          CPU (``tiny`` picks one by device)
     clinical-cpu         tiny-cpu's networks fine-tuned on real series with random simulator
                          settings and both routes' inputs (``--init-from`` a tiny bundle)
+    clinical-cpu-s4      clinical-cpu with a T = 4 SDE, sampled in four steps
     smoke                a minutes-free end-to-end check: one pair, a few steps, toy networks
     paper                ViT-B/32 + nf 64, for real hardware
 
@@ -195,6 +196,21 @@ CLINICAL_CPU = with_seed(
 """The demo bundle's clinical fine-tune on a CPU: the tiny networks, real series, random
 simulator settings, both routes (issue 21)."""
 
+CLINICAL_CPU_S4 = with_seed(
+    dataclasses.replace(
+        CLINICAL_CPU,
+        name="clinical-s4",
+        # four reverse steps (issue 21's multi-step check): the same λ and eps, so x_T is the
+        # T = 1 start μ + λz, and ``--init-from`` a T = 1 bundle gives the starting weights
+        sde=dataclasses.replace(_TINY_SDE, T=4),
+        pipeline=dataclasses.replace(CLINICAL_CPU.pipeline, steps=4),
+        residual_loop_steps=4,
+        tune_steps=(1, 4),
+    ),
+    0,
+)  # fmt: skip
+"""The clinical fine-tune with a T = 4 SDE sampled in S = 4 steps."""
+
 # --- smoke ---------------------------------------------------------------------------------------
 _SMOKE_CLIP_TRAIN = ClipTrainConfig(steps=3, batch=2, log_every=0)
 _SMOKE_UNET_TRAIN = SDETrainConfig(steps=3, batch=2, patch=32, warmup=1, log_every=0, val_every=2)
@@ -254,6 +270,7 @@ PRESETS: dict[str, RecipeConfig] = {
     "tiny-gpu": TINY_GPU,
     "tiny-cpu": TINY_CPU,
     "clinical-cpu": CLINICAL_CPU,
+    "clinical-cpu-s4": CLINICAL_CPU_S4,
     "smoke": SMOKE,
     "paper": PAPER,
 }
@@ -270,6 +287,6 @@ def recipe_config(name: str = "tiny", *, device: str = "cpu", seed: int = 0) -> 
     if preset is None:
         raise ValueError(
             f"unknown recipe config {name!r}; choose tiny, tiny-gpu, tiny-cpu, clinical-cpu, "
-            "paper or smoke"
+            "clinical-cpu-s4, paper or smoke"
         )
     return with_seed(copy.deepcopy(preset), seed)

@@ -387,11 +387,10 @@ UNET_NAMES = tuple(n for n in NETWORKS if n.startswith("unet_"))
 
 def open_init_bundle(folder: str | os.PathLike[str], recipe: RecipeConfig) -> Bundle:
     """The bundle a fine-tuning run starts from: it must hold the three U-Nets with exactly
-    the recipe's U-Net config and the same SDE (otherwise ε̂ would mean something else)."""
+    the recipe's U-Net config.  Its SDE may differ (e.g. T = 1 weights starting a T = 4 run);
+    then its U-Nets are starting weights only (:func:`inherits_unets`)."""
     bundle = load_bundle(folder)
     where = bundle.manifest_path
-    if bundle.sde != recipe.sde:
-        raise MarRtError(f"{where}: the SDE {bundle.sde} differs from the recipe's {recipe.sde}")
     for name in UNET_NAMES:
         if name not in bundle.network_names:
             raise MarRtError(f"{where}: no network {name!r} to start from")
@@ -401,6 +400,12 @@ def open_init_bundle(folder: str | os.PathLike[str], recipe: RecipeConfig) -> Bu
                 f"{where}: {name} config {cfg} differs from the recipe's {recipe.unet}"
             )
     return bundle
+
+
+def inherits_unets(bundle: Bundle, recipe: RecipeConfig) -> bool:
+    """Whether the init bundle's U-Nets stand as trained networks of the run's bundle: only
+    under the recipe's SDE, since ε̂ at state t means something else under another one."""
+    return bundle.sde == recipe.sde
 
 
 def init_clips(bundle: Bundle, recipe: RecipeConfig) -> tuple[str, ...]:
@@ -638,9 +643,9 @@ def train_bundle(
     """Train every network of a bundle from clean slices ``sources`` (a folder, see
     ``load_clean_slices``, or CleanSlices) and write the bundle to ``out``.
 
-    ``init_from``: a bundle whose U-Nets (same config and SDE as the recipe, checked before
-    any stage runs) are the starting weights of the U-Nets trained here, and the final
-    weights of those not trained (their loops stay on in the bundle's pipeline); its DuDoCLIP
+    ``init_from``: a bundle whose U-Nets (same config as the recipe, checked before any stage
+    runs) are the starting weights of the U-Nets trained here and, under the same SDE, the
+    final weights of those not trained (their loops stay on in the bundle's pipeline); its DuDoCLIP
     networks of the recipe's config stand in for CLIP stages that neither run nor have a
     checkpoint (:func:`init_clips`).
 
@@ -680,8 +685,16 @@ def train_bundle(
             "bundle": str(init.folder),
             "sha256": {n: nets[n]["sha256"] for n in UNET_NAMES},
         }
-        # the init bundle's U-Nets are trained: one not retrained here keeps its loop on
-        run.trained.update(UNET_NAMES)
+        run.report["init_from"]["same_sde"] = inherits_unets(init, recipe)
+        if inherits_unets(init, recipe):
+            # the init bundle's U-Nets are trained: one not retrained here keeps its loop on
+            run.trained.update(UNET_NAMES)
+        else:
+            log.warning(
+                "%s: its SDE %s is not the recipe's %s; its U-Nets only start the ones trained "
+                "here, and a loop whose U-Net is not trained under this SDE stays off",
+                init.manifest_path, init.sde, recipe.sde,
+            )  # fmt: skip
     if torch.device(device).type == "cuda":
         run.report["gpu"] = torch.cuda.get_device_name(torch.device(device))
     slices = (

@@ -180,6 +180,35 @@ def test_init_from_refuses_a_bundle_of_another_config(smoke_run):
     assert not (root / "other").exists()
 
 
+def test_init_from_a_bundle_of_another_sde_only_starts_the_unets(smoke_run):
+    """The same networks under another SDE (T = 1 against smoke's T = 2): the image U-Net
+    starts at those weights, but the U-Nets not retrained are not trained under this SDE, so
+    their loops are off in the written bundle."""
+    from mar_rt.cli import app
+    from mar_rt.models.bundle import load_bundle, save_bundle
+
+    root, _ = smoke_run
+    trained = load_bundle(root / "bundle")
+    assert trained.config["sde"]["T"] == 2
+    config = {k: trained.config[k] for k in ("geometry", "normalisation", "pipeline")}
+    config |= {"prompt_version": trained.config["prompt_version"]}
+    config["sde"] = dict(trained.config["sde"], T=1)
+    save_bundle(root / "t1", config, {n: trained.build(n) for n in trained.network_names})
+    result = CliRunner().invoke(app, _fine_tune_args(root, "from_t1", "from_t1.work", "t1"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    tuned = load_bundle(root / "from_t1")
+    assert tuned.config["sde"]["T"] == 2
+    report = json.loads((root / "from_t1" / "train_report.json").read_text())
+    assert report["init_from"]["same_sde"] is False
+    assert report["trained"] == ["unet_image"]
+    pipe = tuned.config["pipeline"]
+    assert pipe["run_image_sde"]
+    assert not (pipe["run_sinogram_sde"] or pipe["run_osro"])
+    a, b = trained.state_dict("unet_image"), tuned.state_dict("unet_image")
+    moved = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert 0 < moved < 0.01  # three steps from the T = 1 weights, not a fresh start
+
+
 def test_init_from_in_a_fresh_work_folder_takes_the_bundle_clip(smoke_run):
     """No CLIP checkpoint and no CLIP stage: the init bundle's DuDoCLIP networks serve, and the
     fine-tuned bundle carries them unchanged; its U-Nets not retrained keep their loops on."""

@@ -100,3 +100,19 @@ def test_clinical_recipe_keeps_the_official_cases_out_of_training():
         DataConfig(image_inputs="scanner")
     with pytest.raises(ValueError, match="sim_ranges"):
         DataConfig(sim_ranges="scanner")
+
+
+def test_four_step_recipe_starts_where_the_one_step_recipe_starts():
+    """clinical-cpu-s4 is clinical-cpu with T = 4: same data and networks, and the same
+    marginal at t = T (x_T = μ + eps (x_0 − μ) + λz), so T = 1 weights are a fair start."""
+    from mar_rt.models.sde import make_schedule
+
+    one, four = recipe_config("clinical-cpu"), recipe_config("clinical-cpu-s4")
+    assert (one.sde.T, four.sde.T) == (1, 4)
+    assert (four.pipeline.steps, four.residual_loop_steps) == (4, 4)
+    assert four.data == one.data and four.unet == one.unet
+    s1, s4 = make_schedule(one.sde), make_schedule(four.sde)
+    assert s4.decay(4) == pytest.approx(s1.decay(1)) == pytest.approx(one.sde.eps)
+    assert s4.sigma_bars[4] == pytest.approx(s1.sigma_bars[1])
+    # the intermediate states lie between μ + λz and x_0: the reverse loop has work to do
+    assert 0 < s4.sigma_bars[1] < s4.sigma_bars[2] < s4.sigma_bars[3] < s4.sigma_bars[4]
