@@ -196,16 +196,17 @@ CLINICAL_CPU = with_seed(
 """The demo bundle's clinical fine-tune on a CPU: the tiny networks, real series, random
 simulator settings, both routes (issue 21)."""
 
+# four reverse steps (issue 21's multi-step check): the same λ and eps, so x_T is the T = 1
+# start μ + λz, and ``--init-from`` a T = 1 bundle gives the starting weights
+_S4 = 4
 CLINICAL_CPU_S4 = with_seed(
     dataclasses.replace(
         CLINICAL_CPU,
         name="clinical-s4",
-        # four reverse steps (issue 21's multi-step check): the same λ and eps, so x_T is the
-        # T = 1 start μ + λz, and ``--init-from`` a T = 1 bundle gives the starting weights
-        sde=dataclasses.replace(_TINY_SDE, T=4),
-        pipeline=dataclasses.replace(CLINICAL_CPU.pipeline, steps=4),
-        residual_loop_steps=4,
-        tune_steps=(1, 4),
+        sde=dataclasses.replace(_TINY_SDE, T=_S4),
+        pipeline=dataclasses.replace(CLINICAL_CPU.pipeline, steps=_S4),
+        residual_loop_steps=_S4,
+        tune_steps=(1, _S4),
     ),
     0,
 )  # fmt: skip

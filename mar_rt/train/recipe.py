@@ -388,7 +388,7 @@ UNET_NAMES = tuple(n for n in NETWORKS if n.startswith("unet_"))
 def open_init_bundle(folder: str | os.PathLike[str], recipe: RecipeConfig) -> Bundle:
     """The bundle a fine-tuning run starts from: it must hold the three U-Nets with exactly
     the recipe's U-Net config.  Its SDE may differ (e.g. T = 1 weights starting a T = 4 run);
-    then its U-Nets are starting weights only (:func:`inherits_unets`)."""
+    then its U-Nets are starting weights only (see :func:`train_bundle`)."""
     bundle = load_bundle(folder)
     where = bundle.manifest_path
     for name in UNET_NAMES:
@@ -400,12 +400,6 @@ def open_init_bundle(folder: str | os.PathLike[str], recipe: RecipeConfig) -> Bu
                 f"{where}: {name} config {cfg} differs from the recipe's {recipe.unet}"
             )
     return bundle
-
-
-def inherits_unets(bundle: Bundle, recipe: RecipeConfig) -> bool:
-    """Whether the init bundle's U-Nets stand as trained networks of the run's bundle: only
-    under the recipe's SDE, since ε̂ at state t means something else under another one."""
-    return bundle.sde == recipe.sde
 
 
 def init_clips(bundle: Bundle, recipe: RecipeConfig) -> tuple[str, ...]:
@@ -644,10 +638,11 @@ def train_bundle(
     ``load_clean_slices``, or CleanSlices) and write the bundle to ``out``.
 
     ``init_from``: a bundle whose U-Nets (same config as the recipe, checked before any stage
-    runs) are the starting weights of the U-Nets trained here and, under the same SDE, the
-    final weights of those not trained (their loops stay on in the bundle's pipeline); its DuDoCLIP
-    networks of the recipe's config stand in for CLIP stages that neither run nor have a
-    checkpoint (:func:`init_clips`).
+    runs) are the starting weights of the U-Nets trained here and, under the recipe's SDE
+    only (ε̂ at state t means something else under another), the final weights of those not
+    trained (their loops stay on in the bundle's pipeline); its DuDoCLIP networks of the
+    recipe's config stand in for CLIP stages that neither run nor have a checkpoint
+    (:func:`init_clips`).
 
     ``max_minutes`` is the whole run's wall-time budget (None: the recipe's step counts);
     ``work_dir`` (default ``<out>.work``) holds the pair cache, the validation set (``val/``,
@@ -681,12 +676,13 @@ def train_bundle(
     }  # fmt: skip
     if init is not None:
         nets = init.config["networks"]
+        same_sde = init.sde == recipe.sde
         run.report["init_from"] = {
             "bundle": str(init.folder),
             "sha256": {n: nets[n]["sha256"] for n in UNET_NAMES},
+            "same_sde": same_sde,
         }
-        run.report["init_from"]["same_sde"] = inherits_unets(init, recipe)
-        if inherits_unets(init, recipe):
+        if same_sde:
             # the init bundle's U-Nets are trained: one not retrained here keeps its loop on
             run.trained.update(UNET_NAMES)
         else:
