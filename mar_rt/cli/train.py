@@ -53,7 +53,8 @@ InitOpt = Annotated[
     Path | None,
     typer.Option(
         "--init-from",
-        help="Bundle whose U-Nets (same config and SDE) are the starting weights (fine-tune).",
+        help="Bundle whose U-Nets (same network config) are the starting weights (fine-tune); "
+        "under another SDE they only start the training, and untrained loops stay off.",
     ),
 ]
 ThreadsOpt = Annotated[

@@ -64,6 +64,22 @@ def _read(
     return out
 
 
+def find_gt_files(root: str | os.PathLike[str]) -> list[Path]:
+    """Every ``gt.h5`` below ``root``, sorted, following symbolic links to folders (a set
+    assembled from links to case folders is read like a copied one); a folder reached twice
+    through links is read once."""
+    found, seen = [], set()
+    for here, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        if "gt.h5" in files:
+            found.append(Path(here) / "gt.h5")
+    return sorted(found)
+
+
 def read_gt(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """``gt.h5`` → {image, poly_CT, poly_sinogram} as float32 arrays; ValueError naming the
     file and dataset when one is missing."""

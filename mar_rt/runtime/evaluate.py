@@ -1,11 +1,11 @@
 """``mar-rt eval``: PSNR / SSIM of input, LI, NMAR and DuDoCROP on a SynDeepLesion-layout folder
 (DESIGN.md §9), per case and per metal-size group, as a table and as JSON.
 
-Layout: ``<case>/gt.h5`` + ``<case>/<k>.h5``, found recursively. Metal masks: ``DIR/testmask.npy``
-(512 × 512 × K, mask k for ``<k>.h5``, bilinear-resized to the grid and thresholded at 0.5) when
-present, else the case file's own ``mask`` (cases written by ``mar_rt.ct.syndeeplesion.write_case``
-carry it), else segmented from ``ma_CT`` (μ > ``mar_rt.ct.mar.METAL_THRESHOLD_MU``). Scores always
-use that mask.
+Layout: ``<case>/gt.h5`` + ``<case>/<k>.h5``, found recursively (through symbolic links to
+folders too). Metal masks: ``DIR/testmask.npy`` (512 × 512 × K, mask k for ``<k>.h5``,
+bilinear-resized to the grid and thresholded at 0.5) when present, else the case file's own
+``mask`` (cases written by ``mar_rt.ct.syndeeplesion.write_case`` carry it), else segmented
+from ``ma_CT`` (μ > ``mar_rt.ct.mar.METAL_THRESHOLD_MU``). Scores always use that mask.
 
 Routes (DESIGN §8, "Image-only input"):
 
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from mar_rt.ct.geometry import FanBeamGeometry
 from mar_rt.ct.mar import METAL_THRESHOLD_MU
+from mar_rt.ct.syndeeplesion import find_gt_files
 from mar_rt.errors import BadInputError, MarRtError
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def find_cases(root: str | Path) -> list[EvalCase]:
     if not root.is_dir():
         raise BadInputError(f"{root}: not a folder")
     cases = []
-    for gt in sorted(root.rglob("gt.h5")):
+    for gt in find_gt_files(root):
         for f in sorted(gt.parent.glob("*.h5")):
             if re.fullmatch(r"\d+", f.stem):
                 rel = f.relative_to(root).with_suffix("").as_posix()

@@ -7,14 +7,23 @@ scales (``mar_rt.ct.units``); the pair fields are named in ``pairs``.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import mar_rt.ct as ct_package
+from mar_rt.atomic import atomic_file
 from mar_rt.ct import units
 from mar_rt.ct.projector import get_projector
 from mar_rt.train.pairs import GEOMETRY, PairSet
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -85,9 +94,34 @@ _MU_FIELDS = {
 }
 
 
-def with_nmar(pairs: PairSet, *, batch: int = 8) -> PairSet:
+def with_nmar(
+    pairs: PairSet, *, batch: int = 8, cache_dir: str | os.PathLike[str] | None = None
+) -> PairSet:
     """``pairs`` plus ``NMAR_CT`` and ``NMAR_sinogram`` (DESIGN §6 on each pair's measured
-    ``ma_sinogram``, its LI result and mask), for ``mu_source="nmar"``."""
+    ``ma_sinogram``, its LI result and mask), for ``mu_source="nmar"``.
+
+    ``cache_dir``: the two fields are kept there in one torch file named by a digest of the
+    inputs (``ma_sinogram``, ``LI_CT``, ``mask``, ``metal_trace``) and of ``mar_rt.ct``'s source,
+    and read back instead of computed when the same inputs come again under the same code
+    (written under a temporary name, then renamed).
+    """
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"nmar-{_nmar_digest(pairs)}.pt"
+        if path.is_file():
+            stored = torch.load(path, map_location=pairs.device, weights_only=True)
+            log.info("with_nmar: %d pairs read from %s", len(pairs), path)
+            return PairSet(pairs.metas, {**pairs.fields, **stored})
+    t0 = time.monotonic()
+    out = _nmar_fields(pairs, batch)
+    if path is not None:
+        with atomic_file(path) as tmp:
+            torch.save({k: v.cpu() for k, v in out.items()}, tmp)
+    log.info("with_nmar: %d pairs in %.0f s", len(pairs), time.monotonic() - t0)
+    return PairSet(pairs.metas, {**pairs.fields, **out})
+
+
+def _nmar_fields(pairs: PairSet, batch: int) -> dict[str, torch.Tensor]:
     from mar_rt.ct.mar import nmar_from_li
 
     f = pairs.fields
@@ -100,7 +134,21 @@ def with_nmar(pairs: PairSet, *, batch: int = 8) -> PairSet:
         )
         xs.append(x)
         ys.append(y)
-    return PairSet(pairs.metas, {**f, "NMAR_CT": torch.cat(xs), "NMAR_sinogram": torch.cat(ys)})
+    return {"NMAR_CT": torch.cat(xs), "NMAR_sinogram": torch.cat(ys)}
+
+
+def _nmar_digest(pairs: PairSet) -> str:
+    """Hex digest of NMAR's inputs in ``pairs`` and of the source of ``mar_rt.ct`` (the
+    projector, FBP and NMAR that compute it)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("ma_sinogram", "LI_CT", "mask", "metal_trace"):
+        t = pairs.fields[name].detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy())
+    for src in sorted(Path(ct_package.__file__).parent.glob("*.py")):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    return h.hexdigest()
 
 
 def _mu_field(pairs: PairSet, domain: str, mu_source: str) -> torch.Tensor:

@@ -32,7 +32,7 @@ from mar_rt.ct.mar import METAL_THRESHOLD_MU
 from mar_rt.ct.masks import body_outline
 from mar_rt.ct.sim_settings import TRAINING_RANGES, SimulationSettings
 from mar_rt.ct.simulate import simulate_metal_artifact
-from mar_rt.ct.syndeeplesion import read_case, read_gt, write_case
+from mar_rt.ct.syndeeplesion import find_gt_files, read_case, read_gt, write_case
 from mar_rt.errors import BadInputError
 from mar_rt.train.implants import draw_implant
 from mar_rt.train.pair_meta import PairMeta, describe_pair, pair_seed
@@ -279,7 +279,7 @@ def read_pair_folder(
     folder = Path(folder)
     index = _read_index(folder)
     items = []
-    for gt_path in sorted(folder.rglob("gt.h5")):
+    for gt_path in find_gt_files(folder):
         sub = gt_path.parent
         rel = sub.relative_to(folder).as_posix().replace("/", "_") or sub.name
         gt = read_gt(gt_path)

@@ -41,8 +41,9 @@ class RecipeConfig:
     ``residual_pairs``: training pairs run through the pipeline for the residual net;
     ``residual_loop_steps``: the DAPG sampling steps used for them; ``val_cases``: validation
     cases used while training; ``tune_steps``: sampling-step candidates of stage 9
-    (``tune_cases`` cases each; 0 = all); ``cache_pairs``: write training pairs to
-    ``<work>/cache`` (off on GPUs, where simulating is cheaper than compressing);
+    (``tune_cases`` cases each; 0 = all); ``cache_pairs``: write training pairs, and their
+    NMAR fields (``domains.with_nmar``), to ``<work>/cache`` (off on GPUs, where simulating is
+    cheaper than compressing);
     ``identity_init``: U-Nets start at ε̂ = (x_t − μ)/λ (``sde_trainer.identity_init``).
     """
 

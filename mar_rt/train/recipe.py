@@ -456,8 +456,9 @@ def _validator(run: Run, domain: str):
 
 def _domain_data(run: Run, domain: str) -> DomainData:
     r = run.recipe
+    nmar_cache = run.work / "cache" / "nmar" if r.cache_pairs else None
     if r.pipeline.mu_source == "nmar" and "NMAR_CT" not in run.train.fields:
-        run.train = with_nmar(run.train)
+        run.train = with_nmar(run.train, cache_dir=nmar_cache)
     if domain == "image":
         c, a = run.emb["image"]
         parts = []
@@ -466,7 +467,7 @@ def _domain_data(run: Run, domain: str) -> DomainData:
         if r.data.image_inputs in ("image_only", "both"):  # μ as the image-only route makes it
             mu_source = r.pipeline.for_route("image_only").mu_source
             pairs = image_only_view(run.train)
-            pairs = with_nmar(pairs) if mu_source == "nmar" else pairs
+            pairs = with_nmar(pairs, cache_dir=nmar_cache) if mu_source == "nmar" else pairs
             parts.append(image_domain(pairs, c, a, mu_source=mu_source))
         return concat_domains(parts)
     c, a = run.emb["sinogram"]

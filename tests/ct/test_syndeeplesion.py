@@ -99,3 +99,17 @@ def test_write_refuses_incomplete_or_bad_fields_and_leaves_old_files(tmp_path) -
     assert sorted(p.name for p in folder.iterdir()) == ["0.h5", "gt.h5"]  # no temporaries left
     with pytest.raises(ValueError, match="no SynDeepLesion fields"):
         sdl.write_case(folder, {"foo": fields["image"]})
+
+
+def test_find_gt_files_follows_links_to_case_folders_once(tmp_path, sdl_case_129) -> None:
+    """A set assembled from links (to the official case folder, here) is found like a copied
+    one; a link back up the tree is not walked twice."""
+    root = tmp_path / "set"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "case").symlink_to(sdl_case_129, target_is_directory=True)
+    (root / "a" / "up").symlink_to(root, target_is_directory=True)  # a cycle
+    (root / "b").mkdir()
+    (root / "b" / "gt.h5").write_bytes((sdl_case_129 / "gt.h5").read_bytes())
+    found = sdl.find_gt_files(root)
+    assert found == [root / "a" / "case" / "gt.h5", root / "b" / "gt.h5"]
+    assert sdl.read_gt(found[0])["image"].shape == (416, 416)

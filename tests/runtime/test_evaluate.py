@@ -156,6 +156,16 @@ def test_eval_small_set_with_test_masks_and_ablations(small_set, tmp_path_factor
     assert len({a, b, c}) == 3
 
 
+def test_find_cases_through_a_link_to_a_case_folder(small_set, tmp_path):
+    """A validation set made of links to case folders lists the same cases as the folders."""
+    (tmp_path / "linked").symlink_to(small_set / "case_a", target_is_directory=True)
+    cases = find_cases(tmp_path)
+    assert [c.name for c in cases] == ["linked/s0/0", "linked/s1/1"]
+    assert [c.case_path.read_bytes() for c in cases] == [
+        c.case_path.read_bytes() for c in find_cases(small_set)
+    ]
+
+
 def test_eval_takes_the_case_files_own_mask(small_set, tmp_path_factory, tmp_path):
     """Without testmask.npy, cases that carry their mask (ours) are scored on that mask, not
     on a segmentation of ma_CT."""

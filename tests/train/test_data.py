@@ -171,6 +171,32 @@ def test_generate_pairs_cache_round_trip(tmp_path):
         image_domain(first, torch.zeros(1, 4), torch.zeros(1, 4), mu_source="nmar")
 
 
+def test_nmar_fields_cache_is_read_for_the_same_inputs_only(tmp_path, monkeypatch):
+    import mar_rt.train.domains as domains
+
+    slices = [CleanSlice("toy_a", ellipse_phantom(11, region="pelvis"), "phantom", "generated")]
+    pairs = generate_pairs(slices, [(0, 0, None), (0, 2, None)], seed=7)
+    fresh = with_nmar(pairs)
+    cached = with_nmar(pairs, cache_dir=tmp_path / "nmar")
+    (stored,) = (tmp_path / "nmar").glob("nmar-*.pt")
+    for name in ("NMAR_CT", "NMAR_sinogram"):
+        assert torch.equal(cached.fields[name], fresh.fields[name]), name
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("NMAR computed again")
+
+    monkeypatch.setattr(domains, "_nmar_fields", no_compute)
+    again = with_nmar(pairs, cache_dir=tmp_path / "nmar")  # read back, not computed
+    for name in ("NMAR_CT", "NMAR_sinogram"):
+        assert torch.equal(again.fields[name], fresh.fields[name]), name
+    # other inputs (one sinogram value changed) miss the stored file
+    f = dict(pairs.fields, ma_sinogram=pairs.fields["ma_sinogram"].clone())
+    f["ma_sinogram"][1, 0, 0] += 1.0
+    with pytest.raises(AssertionError, match="computed again"):
+        with_nmar(type(pairs)(pairs.metas, f), cache_dir=tmp_path / "nmar")
+    assert list((tmp_path / "nmar").glob("nmar-*.pt")) == [stored]
+
+
 def test_clip_set_is_what_dudoclip_sees_of_the_pairs_and_caches(tmp_path, monkeypatch):
     pytest.importorskip("open_clip")
     from mar_rt.models.dudoclip import DuDoCLIP, DuDoCLIPConfig
