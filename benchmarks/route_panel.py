@@ -5,7 +5,8 @@ Rows: each case on the measured-sinogram route, then on the image-only route. Co
 against the target (metal excluded, ``mar_rt.ct.metrics``), in a W 500 / L 50 HU window. The
 methods are run as ``mar-rt eval`` runs them (``mar_rt.runtime.evaluate``): the measured route
 sees ``ma_sinogram`` and the true mask; the image-only route sees ``ma_CT`` alone
-(Y_ma = FP(ma_CT), mask segmented at μ > 0.672).
+(Y_ma = FP(ma_CT), mask segmented at μ > 0.672); both through
+``mar_rt.runtime.evaluate.method_output``.
 
 Cases: in a ``route_cases.py`` folder, the largest, the median and the smallest implant
 (by ``cases.json``), or those named by ``--cases``.
@@ -26,13 +27,14 @@ import torch
 
 from mar_rt.atomic import atomic_file
 from mar_rt.ct import metrics
-from mar_rt.ct.mar import METAL_THRESHOLD_MU, li_correct, nmar_correct, segment_metal
 from mar_rt.ct.syndeeplesion import read_case, read_gt
 from mar_rt.ct.units import mu_to_hu
+from mar_rt.runtime.evaluate import ROUTES, method_output
 from mar_rt.runtime.pipeline import DuDoCROPPipeline
 
 WINDOW_HU = (-200.0, 300.0)  # W 500 / L 50
-COLUMNS = ("input", "LI", "NMAR", "DuDoCROP", "target")
+COLUMN_METHODS = {"input": "input", "LI": "li", "NMAR": "nmar", "DuDoCROP": "dudocrop"}
+COLUMNS = (*COLUMN_METHODS, "target")
 
 
 def pick_cases(folder: Path, names: list[str] | None) -> list[dict]:
@@ -44,33 +46,21 @@ def pick_cases(folder: Path, names: list[str] | None) -> list[dict]:
 
 
 def run_routes(pipe: DuDoCROPPipeline, case_dir: Path, seed: int) -> dict[str, dict]:
-    """route → {"mask", column → image (μ)} for one case."""
-    gt = read_gt(case_dir / "gt.h5")
+    """route → {"images": column → image (μ), "mask", "target"} for one case."""
+    target = torch.from_numpy(read_gt(case_dir / "gt.h5")["image"])
     data = read_case(case_dir / "0.h5")
-    target = torch.from_numpy(gt["image"])
-    ma_ct = torch.from_numpy(data["ma_CT"])
     mask = torch.from_numpy(np.asarray(data["mask"]) > 0.5)
-    proj, geo, filt = pipe.operators.ct_view(), pipe.geometry, pipe.config.fbp_filter
+    proj = pipe.operators.ct_view()
     out = {}
-    for route in ("sinogram", "image_only"):
-        image_only = route == "image_only"
-        m = segment_metal(ma_ct, METAL_THRESHOLD_MU) if image_only else mask
-        sino = None if image_only else torch.from_numpy(data["ma_sinogram"])
-        if image_only:
-            li = li_correct(ma_ct, m, geo, projector=proj, filter=filt, allow_edge=True)
-            li = li["li_image"]
-        else:
-            li = proj.fbp(torch.from_numpy(data["LI_sinogram"]), filter=filt)
-        nm = nmar_correct(
-            ma_ct, m, geo, sinogram=sino, projector=proj, filter=filt, allow_edge=True
-        )
-        res = pipe(ma_ct, sinogram=sino, sinogram_is_measured=not image_only, mask=m, seed=seed)
-        assert res.qa.route == route
+    for route in ROUTES:
         images = {
-            "input": ma_ct, "LI": li.cpu(), "NMAR": nm["nmar_image"].cpu(),
-            "DuDoCROP": res.output.cpu(), "target": target,
+            name: method_output(
+                method, data, mask, image_only=route == "image_only", projector=proj,
+                filter=pipe.config.fbp_filter, pipeline=pipe, seed=seed, where=case_dir,
+            )
+            for name, method in COLUMN_METHODS.items()
         }  # fmt: skip
-        out[route] = {"images": images, "mask": mask, "target": target}
+        out[route] = {"images": images | {"target": target}, "mask": mask, "target": target}
     return out
 
 

@@ -11,7 +11,8 @@ Routes: ``sinogram`` (the simulated ma_sinogram, measured, and the true mask) an
 ``image_only`` (ma_CT alone: Y_ma = FP(ma_CT), mask segmented at μ > 0.672), as
 ``mar-rt eval`` / ``mar-rt eval --image-only`` run them. LI and NMAR run on the same inputs.
 
-Grid. The pipeline runs once per (μ source, OSRO fidelity) with α = 1 and Norm² off, keeping
+Grid. The pipeline runs once per (μ source, DuDoCLIP on/off, OSRO fidelity) with α = 1 and
+Norm² off, keeping
 X_p, X'_p and X̂_p = X'_p + R̂; every (residual on/off, Norm² on/off, α) variant is then the
 pipeline's own steps 4–6 on those tensors (``mar_rt.runtime.osro``), exactly what the
 pipeline would output with those switches (residual off: X̂_p = X'_p).
@@ -41,13 +42,13 @@ import numpy as np
 import torch
 
 from mar_rt.ct import metrics
-from mar_rt.ct.mar import METAL_THRESHOLD_MU, li_correct, nmar_correct, segment_metal
+from mar_rt.ct.mar import METAL_THRESHOLD_MU, segment_metal
 from mar_rt.ct.masks import SIZE_GROUPS, body_outline, generate_metal_mask, size_limits
 from mar_rt.ct.sim_settings import TRAINING_RANGES, SimulationRanges
 from mar_rt.ct.simulate import simulate_metal_artifact
 from mar_rt.runtime import osro
 from mar_rt.runtime.config import ROUTES, PipelineConfig
-from mar_rt.runtime.evaluate import group_key
+from mar_rt.runtime.evaluate import group_key, method_output
 from mar_rt.runtime.pipeline import DuDoCROPPipeline
 from mar_rt.train.sources import CleanSlice, read_ct_volume, series_id, shared_data_slices
 from mar_rt.train.split import series_split, split_by_series
@@ -56,24 +57,34 @@ log = logging.getLogger("tune_route")
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MU_SOURCES = ("nmar", "li")
+USE_CLIP = (True, False)
 FIDELITY = (True, False)
 RESIDUAL = (True, False)
 NORM2 = (False, True)
-CURRENT = {"mu_source": "nmar", "osro_fidelity": True, "osro_residual": True, "norm2": False}
-"""The demo bundle's switches as shipped (α = 0.5), for comparison."""
+SWITCHES = ("mu_source", "use_clip", "osro_fidelity", "osro_residual", "norm2")
+"""The pipeline switches the grid varies besides α (``PipelineConfig`` fields)."""
+KEY_FIELDS = (*SWITCHES, "alpha")
 
 
 def variant_key(v: dict[str, Any]) -> str:
     return (
-        f"mu={v['mu_source']} fid={int(v['osro_fidelity'])} res={int(v['osro_residual'])} "
-        f"norm2={int(v['norm2'])} a={v['alpha']:.2f}"
+        f"mu={v['mu_source']} clip={int(v['use_clip'])} fid={int(v['osro_fidelity'])} "
+        f"res={int(v['osro_residual'])} norm2={int(v['norm2'])} a={v['alpha']:.2f}"
     )
 
 
 def grid() -> list[dict[str, Any]]:
     return [
-        {"mu_source": m, "osro_fidelity": f, "osro_residual": r, "norm2": n, "alpha": a}
+        {
+            "mu_source": m,
+            "use_clip": c,
+            "osro_fidelity": f,
+            "osro_residual": r,
+            "norm2": n,
+            "alpha": a,
+        }  # fmt: skip
         for m in MU_SOURCES
+        for c in USE_CLIP
         for f in FIDELITY
         for r in RESIDUAL
         for n in NORM2
@@ -192,31 +203,33 @@ def run_case(
     wanted: list[dict[str, Any]],
     seed: int,
 ) -> dict[str, Any]:
-    proj = base.operators.ct_view()
-    geometry, filt = base.geometry, base.config.fbp_filter
     target, mask, ma_ct = case["target"], case["mask"], case["ma_ct"]
     image_only = route == "image_only"
     method_mask = segment_metal(ma_ct, METAL_THRESHOLD_MU) if image_only else mask
     sino = None if image_only else case["ma_sino"]
-    row: dict[str, Any] = {"input": score(ma_ct, target, mask)}
-    if image_only:
-        li = li_correct(ma_ct, method_mask, geometry, projector=proj, filter=filt, allow_edge=True)
-        row["li"] = score(li["li_image"].cpu(), target, mask)
-    else:
-        row["li"] = score(proj.fbp(case["li_sino"], filter=filt).cpu(), target, mask)
-    nm = nmar_correct(
-        ma_ct, method_mask, geometry, sinogram=sino, projector=proj, filter=filt, allow_edge=True
-    )
-    row["nmar"] = score(nm["nmar_image"].cpu(), target, mask)
+    data = {
+        "ma_CT": ma_ct.numpy(), "ma_sinogram": case["ma_sino"].numpy(),
+        "LI_sinogram": case["li_sino"].numpy(),
+    }  # fmt: skip
+    row: dict[str, Any] = {
+        m: score(
+            method_output(
+                m, data, mask, image_only=image_only, projector=base.operators.ct_view(),
+                filter=base.config.fbp_filter,
+            ),
+            target, mask,
+        )
+        for m in ("input", "li", "nmar")
+    }  # fmt: skip
     row["segmented_px"] = int(method_mask.sum())
     scores: dict[str, list[float]] = {}
-    for mu in MU_SOURCES:
-        sub = [v for v in wanted if v["mu_source"] == mu]
+    for mu, clip in ((m, c) for m in MU_SOURCES for c in USE_CLIP):
+        sub = [v for v in wanted if (v["mu_source"], v["use_clip"]) == (mu, clip)]
         if not sub:
             continue
         cfg = base.config.replace(
-            mu_source=mu, osro_fidelity=True, osro_residual=True, norm2=False, alpha=1.0,
-            image_only=None,
+            mu_source=mu, use_clip=clip, osro_fidelity=True, osro_residual=True, norm2=False,
+            alpha=1.0, image_only=None,
         )  # fmt: skip
         pipe = base.with_config(cfg)
         out = pipe(
@@ -295,6 +308,7 @@ def parse_key(key: str) -> dict[str, Any]:
     parts = dict(p.split("=") for p in key.split())
     return {
         "mu_source": parts["mu"],
+        "use_clip": parts.get("clip", "1") == "1",  # keys written before DuDoCLIP was a switch
         "osro_fidelity": parts["fid"] == "1",
         "osro_residual": parts["res"] == "1",
         "norm2": parts["norm2"] == "1",
@@ -325,7 +339,8 @@ def report(tune: dict[str, Any], val: dict[str, Any]) -> str:
     config, LI and NMAR."""
     out = []
     for route in ROUTES:
-        pick, cur = tune["chosen"][route], tune["current"]
+        cur = tune["current"]
+        pick, cur = tune["chosen"][route], cur[route] if isinstance(cur, dict) else cur
         names = ["input", "li", "nmar", cur] + ([pick] if pick != cur else [])
         for split, res in (("tune", tune), ("validation", val)):
             title = f"\n{route} route, {split} split ({res['n_cases']} cases, {res['series']})"
@@ -341,6 +356,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mu", nargs="+", default=["nmar"], choices=MU_SOURCES)
+    ap.add_argument("--clip", nargs="+", type=int, default=[1, 0], choices=(1, 0))
     ap.add_argument("--check", action="store_true", help="verify the fidelity-off reuse first")
     ap.add_argument("--tune", type=Path, help="report: the tune JSON")
     ap.add_argument("--validation", type=Path, help="report: the validate JSON")
@@ -359,8 +375,11 @@ def main() -> None:
     split = "tune" if args.mode == "tune" else "validation"
     seed = args.seed if args.mode == "tune" else args.seed + 100  # other masks and settings
     base = DuDoCROPPipeline.from_bundle(args.bundle)
-    current = variant_key({**CURRENT, "alpha": base.config.alpha})
-    wanted = [v for v in grid() if v["mu_source"] in args.mu]
+    current = {  # the bundle's own choice on each route (its image-only overrides applied)
+        route: variant_key({k: getattr(base.config.for_route(route), k) for k in KEY_FIELDS})
+        for route in ROUTES
+    }
+    wanted = [v for v in grid() if v["mu_source"] in args.mu and int(v["use_clip"]) in args.clip]
     slices = split_slices(args.data, split)
     names = sorted({series_id(s) for s in slices})
     log.info("%s split: %d slices from %s", split, len(slices), names)
@@ -400,8 +419,9 @@ def main() -> None:
     for route in ROUTES:
         summ = summarise(rows, route)
         ranked = sorted((k for k in summ if k.startswith("mu=")), key=lambda k: -summ[k]["psnr"])
-        names = ["input", "li", "nmar"] + [current] * (current in summ)
-        names += [k for k in ranked[:8] if k != current]
+        cur = current[route]
+        names = ["input", "li", "nmar"] + [cur] * (cur in summ)
+        names += [k for k in ranked[:8] if k != cur]
         text.append(table(summ, names, f"\n{route} route ({len(rows)} {split} cases)"))
     print("\n".join(text))
     result = json.loads(args.out.read_text())
@@ -421,6 +441,7 @@ def write(args, split, seed, cases, rows, current, config, t0) -> None:  # noqa:
         "bundle": args.bundle,
         "seed": seed,
         "mu_sources": args.mu,
+        "use_clip": args.clip,
         "n_cases": len(rows),
         "n_cases_planned": len(cases),
         "current": current,

@@ -29,14 +29,28 @@ from mar_rt.node.spool import SeriesKey, Spool, SpoolFullError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"
-ACCEPTED_TRANSFER_SYNTAXES = (
+UNCOMPRESSED_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+)
+COMPRESSED_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Image Compression (Lossless Only)
     "1.2.840.10008.1.2.4.91",  # JPEG 2000 Image Compression
     "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless Image Compression
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes the SCP offers for CT: both uncompressed ones, and each compressed
+    one that pydicom can decode on this machine (a decoder plugin is installed).  A scanner
+    then falls back to a syntax the worker can read, instead of sending a series that is
+    spooled and only fails when its pixels are decoded."""
+    from pydicom.pixels import get_decoder
+
+    usable = [uid for uid in COMPRESSED_TRANSFER_SYNTAXES if get_decoder(uid).is_available]
+    return [*UNCOMPRESSED_TRANSFER_SYNTAXES, *usable]
+
 
 STATUS_OK = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -180,7 +194,11 @@ class StorageSCP:
         from pynetdicom import AE, evt
 
         ae = AE(ae_title=self.config.aet)
-        ae.add_supported_context(CT_IMAGE_STORAGE, list(ACCEPTED_TRANSFER_SYNTAXES))
+        syntaxes = accepted_transfer_syntaxes()
+        left_out = sorted(set(COMPRESSED_TRANSFER_SYNTAXES) - set(syntaxes))
+        if left_out:  # no decoder plugin here: not offered, so senders fall back
+            emit("transfer_syntaxes_not_offered", transfer_syntaxes=left_out)
+        ae.add_supported_context(CT_IMAGE_STORAGE, syntaxes)
         ae.add_supported_context(VERIFICATION)
         ae.require_called_aet = True
         if self.config.allow_aets:

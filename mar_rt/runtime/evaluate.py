@@ -109,6 +109,70 @@ def load_test_masks(root: Path) -> np.ndarray | None:
     return masks
 
 
+def method_output(
+    method: str,
+    data: dict[str, np.ndarray],
+    mask: torch.Tensor,
+    *,
+    image_only: bool,
+    projector: Any,
+    filter: str,
+    pipeline: Any = None,
+    steps: int | None = None,
+    seed: int = 0,
+    where: str | Path = "",
+) -> torch.Tensor:
+    """One method's image (μ, cm⁻¹, (H, W), on the CPU) for one case on one route.
+
+    ``data``: the case file (``read_case``: ``ma_CT``, ``ma_sinogram``, ``LI_sinogram``,
+    ``LI_CT``); ``mask``: the true metal mask (used on the measured route only; the image-only
+    route segments ``ma_CT``). ``projector``: the CT-view operators of the pipeline (or of
+    ``select_operators``); ``pipeline``: the bundle's pipeline for a network method.
+
+    MarRtError: a pipeline whose QA record disagrees with the route (``where`` names the case).
+    """
+    from mar_rt.ct.mar import li_correct, nmar_correct, segment_metal
+
+    ma_ct = torch.from_numpy(data["ma_CT"])
+    if method == "input":
+        return ma_ct
+    if method == "li_official":
+        return torch.from_numpy(data["LI_CT"])
+    if method == "li" and not image_only:
+        li_sino = torch.from_numpy(data["LI_sinogram"]).to(projector.device)
+        return projector.fbp(li_sino, filter=filter).cpu()
+    geometry = projector.geometry
+    # what the methods see: the measured sinogram and the mask, or ma_CT alone
+    seen_mask = segment_metal(ma_ct, METAL_THRESHOLD_MU) if image_only else mask
+    if method == "li":
+        return li_correct(
+            ma_ct.to(projector.device), seen_mask.to(projector.device), geometry,
+            projector=projector, filter=filter, allow_edge=True,
+        )["li_image"].cpu()  # fmt: skip
+    if method == "nmar":
+        sino = None if image_only else torch.from_numpy(data["ma_sinogram"]).to(projector.device)
+        return nmar_correct(
+            ma_ct.to(projector.device), seen_mask.to(projector.device), geometry, sinogram=sino,
+            projector=projector, filter=filter, allow_edge=True,
+        )["nmar_image"].cpu()  # fmt: skip
+    out = pipeline(
+        ma_ct,
+        sinogram=None if image_only else torch.from_numpy(data["ma_sinogram"]),
+        sinogram_is_measured=not image_only,
+        mask=seen_mask,
+        steps=steps,
+        seed=seed,
+        return_intermediates=False,
+    )
+    synthetic = {s.sinogram_synthetic for s in out.qa.slices}
+    if synthetic != {image_only}:
+        raise MarRtError(
+            f"{where}: the {method} QA record says sinogram_synthetic={sorted(synthetic)} on the "
+            f"{_route(image_only)} route"
+        )
+    return out.output.cpu()
+
+
 def evaluate(
     root: str | Path,
     *,
@@ -133,7 +197,7 @@ def evaluate(
     MarRtError: a pipeline whose QA record disagrees with the route.
     """
     from mar_rt.ct import metrics
-    from mar_rt.ct.mar import li_correct, nmar_correct, segment_metal
+    from mar_rt.ct.mar import segment_metal
     from mar_rt.ct.syndeeplesion import read_case, read_image
     from mar_rt.runtime.operators import select_operators
 
@@ -191,54 +255,13 @@ def evaluate(
                 mask = torch.from_numpy(np.asarray(data["mask"]) > 0.5)
             else:
                 mask = segment_metal(ma_ct, METAL_THRESHOLD_MU)
-            # what the methods see: the measured sinogram and the mask, or ma_CT alone
-            method_mask = segment_metal(ma_ct, METAL_THRESHOLD_MU) if image_only else mask
-            method_sino = None if image_only else ma_sino.to(proj.device)
-            outputs: dict[str, torch.Tensor] = {}
-            for m in methods:
-                if m == "input":
-                    outputs[m] = ma_ct
-                elif m == "li" and image_only:
-                    outputs[m] = li_correct(
-                        ma_ct.to(proj.device),
-                        method_mask.to(proj.device),
-                        geometry,
-                        projector=proj,
-                        filter=fbp_filter,
-                        allow_edge=True,
-                    )["li_image"].cpu()
-                elif m == "li":
-                    li_sino = torch.from_numpy(data["LI_sinogram"])
-                    outputs[m] = proj.fbp(li_sino.to(proj.device), filter=fbp_filter).cpu()
-                elif m == "li_official":
-                    outputs[m] = torch.from_numpy(data["LI_CT"])
-                elif m == "nmar":
-                    outputs[m] = nmar_correct(
-                        ma_ct.to(proj.device),
-                        method_mask.to(proj.device),
-                        geometry,
-                        sinogram=method_sino,
-                        projector=proj,
-                        filter=fbp_filter,
-                        allow_edge=True,
-                    )["nmar_image"].cpu()
-                else:
-                    out = pipelines[m](
-                        ma_ct,
-                        sinogram=None if image_only else ma_sino,
-                        sinogram_is_measured=not image_only,
-                        mask=method_mask,
-                        steps=steps,
-                        seed=seed,
-                        return_intermediates=False,
-                    )
-                    synthetic = {s.sinogram_synthetic for s in out.qa.slices}
-                    if synthetic != {image_only}:
-                        raise MarRtError(
-                            f"{case.case_path}: the {m} QA record says sinogram_synthetic="
-                            f"{sorted(synthetic)} on the {_route(image_only)} route"
-                        )
-                    outputs[m] = out.output.cpu()
+            outputs = {
+                m: method_output(
+                    m, data, mask, image_only=image_only, projector=proj, filter=fbp_filter,
+                    pipeline=pipelines.get(m), steps=steps, seed=seed, where=case.case_path,
+                )
+                for m in methods
+            }  # fmt: skip
             row: dict[str, Any] = {"case": case.name, "metal_px": int(mask.sum())}
             for m, img in outputs.items():
                 row[m] = {

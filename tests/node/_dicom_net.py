@@ -277,6 +277,7 @@ def store_scu(
     calling_aet: str = "TESTSCU",
     abort: bool = False,
     contexts: Sequence[str] = ("1.2.840.10008.5.1.4.1.1.2",),
+    transfer_syntaxes: Sequence[str] = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"),
     timeout_s: float = 20.0,
 ) -> list[int]:
     """C-STORE ``files`` to the node over one association; returns the statuses.  With
@@ -286,7 +287,7 @@ def store_scu(
 
     ae = AE(ae_title=calling_aet)
     for uid in contexts:
-        ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        ae.add_requested_context(uid, list(transfer_syntaxes))
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
     assert assoc.is_established, "the node did not accept the association"

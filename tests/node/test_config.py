@@ -64,3 +64,21 @@ def test_cli_refuses_a_missing_destination(tmp_path):
     assert out.exit_code == 2 and "no bundle.json" in out.output
     out = CliRunner().invoke(app, ["node", "status", "--spool", str(tmp_path / "nothing")])
     assert out.exit_code == 2 and "no such spool folder" in out.output
+
+
+def test_spool_budgets_from_the_flags_reach_the_node_spool(tmp_path):
+    """``--spool-max-mb`` / ``--min-free-mb`` become the byte budgets the spool refuses with
+    0xA700 (tests/node/test_scp.py checks that refusal); a budget of 0 MB is refused by name."""
+    from typer.testing import CliRunner
+
+    from mar_rt.cli import app
+    from mar_rt.node.service import MarNode
+
+    cfg = build_config(
+        None, dest="O@127.0.0.1:4242", spool=tmp_path / "s", spool_max_mb=1.5, min_free_mb=2
+    )
+    spool = MarNode(cfg).spool
+    assert (spool.max_bytes, spool.min_free_bytes) == (1.5 * 2**20, 2 * 2**20)
+    args = ["node", "--dest", "O@h:1", "--spool", str(tmp_path / "s"), "--spool-max-mb", "0"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2 and "spool_max_mb must be > 0" in out.output

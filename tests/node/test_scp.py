@@ -168,3 +168,81 @@ def test_late_instances_start_a_new_logged_run(node_parts, pancreas, caplog):
     events = [json.loads(r.getMessage()) for r in caplog.records]
     assert any(e["event"] == "late_instances" and e["earlier_runs"] == [run1.run_id]
                for e in events)  # fmt: skip
+
+
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+
+
+def _jpeg2000_copy(src, dst):
+    """``src`` re-encoded as JPEG 2000 lossless (Pillow's OpenJPEG encoder, one fragment)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(src)
+    stored = ds.pixel_array
+    assert stored.dtype == np.uint16 and ds.PixelRepresentation == 0
+    buf = io.BytesIO()
+    image = Image.fromarray(stored)  # uint16 → mode "I;16"
+    assert image.mode == "I;16"
+    image.save(buf, format="JPEG2000", irreversible=False)
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def test_jpeg2000_arrives_over_the_network_and_decodes_losslessly(node_parts, pancreas, tmp_path):
+    """A scanner that sends JPEG 2000 lossless: the SCP accepts it (when a decoder is
+    installed), spools the compressed bytes, and the reader recovers the original file's μ
+    exactly (lossless: the same stored values, bit for bit)."""
+    from PIL import features
+    from pydicom.pixels import get_decoder
+
+    from mar_rt.node.scp import accepted_transfer_syntaxes
+    from mar_rt.runtime.io.dicom import read_dicom
+
+    if not (features.check("jpg_2000") and get_decoder(JPEG2000_LOSSLESS).is_available):
+        pytest.skip("no JPEG 2000 encoder (Pillow + OpenJPEG) or decoder here")
+    assert JPEG2000_LOSSLESS in accepted_transfer_syntaxes()
+    cfg, spool, tracker, _ = node_parts
+    j2k = _jpeg2000_copy(pancreas[0], tmp_path / "j2k.dcm")
+    assert store_scu([j2k], cfg.port, transfer_syntaxes=(JPEG2000_LOSSLESS,)) == [0]
+    ready = wait_for("the series to be ready", tracker.pop_ready, timeout_s=10)
+    run = RunQueue(cfg.spool).create(
+        spool, ready[0].key, ready[0].first_instance, ready[0].last_instance
+    )
+    (received,) = RunQueue(cfg.spool).input_files(run)
+    assert pydicom.dcmread(received).file_meta.TransferSyntaxUID == JPEG2000_LOSSLESS
+    got, want = read_dicom(received), read_dicom(pancreas[0])
+    assert got.images.shape == want.images.shape == (1, 512, 512)
+    assert (got.images == want.images).all()
+
+
+def test_a_syntax_without_a_decoder_here_is_not_offered(node_parts):
+    """JPEG-LS is offered only when pydicom has a JPEG-LS decoder on this machine: a sender
+    proposing it alone gets the context rejected (PS3.8 result 4, transfer syntaxes not
+    supported) and would fall back to an uncompressed syntax."""
+    from pydicom.pixels import get_decoder
+    from pynetdicom import AE
+
+    cfg = node_parts[0]
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, [JPEG_LS_LOSSLESS])
+    ae.add_requested_context(CT_IMAGE_STORAGE, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", cfg.port, ae_title=NODE_AET)
+    try:
+        assert assoc.is_established
+        accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+        rejected = {cx.transfer_syntax[0]: cx.result for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    if get_decoder(JPEG_LS_LOSSLESS).is_available:
+        assert accepted == {JPEG_LS_LOSSLESS, "1.2.840.10008.1.2.1"}
+    else:
+        assert accepted == {"1.2.840.10008.1.2.1"} and rejected == {JPEG_LS_LOSSLESS: 0x04}
