@@ -187,7 +187,9 @@ CLINICAL_CPU = with_seed(
             # the two official SynDeepLesion cases: a domain check of the official simulator
             exclude_series=("deeplesion_000129", "deeplesion_000195"),
         ),
-        # the switches round 4 ships, chosen on the tune split (benchmarks/tune_route.py)
+        # the switches round 4 chose on the tune split (benchmarks/tune_route.py); round 5
+        # re-tuned them for its weights (Norm² on, α = 1, DuDoCLIP off: the shipped bundle.json).
+        # A run writes these: tune its bundle again with benchmarks/tune_route.py
         pipeline=dataclasses.replace(
             TINY_CPU.pipeline, alpha=0.75, norm2=False, image_only={"alpha": 1.0}
         ),
