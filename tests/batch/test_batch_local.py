@@ -197,3 +197,58 @@ def test_a_killed_job_resumes_without_half_written_output(
     for r in records:
         _check_output(r)
     assert _outputs(out) == sorted(Path(r["output"]) for r in records)  # nothing left over
+
+
+def _worker_pids() -> list[int]:
+    """PIDs of the Ray Data actor processes (process title ``ray::MapWorker(...)`` or
+    ``ray::_MapWorker``) running SeriesWorker."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [
+        int(line.split(None, 1)[0])
+        for line in out.splitlines()
+        if "ray::" in line and "MapWorker" in line
+    ]
+
+
+def test_a_worker_that_dies_has_its_series_retried(
+    ray_local: None, bundle: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the only worker process after its first record: Ray restarts the actor and
+    runs the series it was holding again, so every series ends 'done', once each."""
+    import threading
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        np.save(src / f"s{i}.npy", phantom(1, metal=True, seed=i))
+    out = tmp_path / "out"
+    args = [str(src), "--out", str(out), "--bundle", str(bundle), "--units", "mu"]
+    args += ["--steps", "1", "--backend", "torch", "--workers", "1", "--no-preview"]
+    killed: list[int] = []
+
+    def kill_after_first_record() -> None:
+        ledger = out / "ledger.jsonl"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if ledger.exists() and ledger.read_text().count("\n") >= 1 and _worker_pids():
+                for pid in _worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_first_record, daemon=True)
+    killer.start()
+    code, output = _batch(*args)
+    killer.join(timeout=10)
+    assert killed, "no worker process was found to kill"
+    assert code == 0, output
+    records = _ledger(out)
+    assert sorted(r["key"] for r in records) == sorted(f"file:{p}" for p in src.glob("*.npy"))
+    assert all(r["status"] == "done" for r in records), records
+    pids = {r["pid"] for r in records}
+    # the killed worker wrote the first records, a restarted one the rest
+    assert pids & set(killed) and pids - set(killed), (pids, killed)
+    for r in records:
+        _check_output(r)
+    assert _outputs(out) == sorted(Path(r["output"]) for r in records)
