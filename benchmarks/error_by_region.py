@@ -27,27 +27,24 @@ import torch
 from scipy.ndimage import distance_transform_edt
 
 from mar_rt.atomic import atomic_file
-from mar_rt.ct.mar import METAL_THRESHOLD_MU, segment_metal
 from mar_rt.ct.syndeeplesion import read_case, read_image
 from mar_rt.ct.units import mu_to_hu
-from mar_rt.runtime.evaluate import find_cases, load_test_masks, method_output, resize_mask
+from mar_rt.runtime.evaluate import (
+    find_cases,
+    load_test_masks,
+    method_output,
+    scoring_mask,
+    seen_mask,
+)
 from mar_rt.runtime.pipeline import DuDoCROPPipeline
 
 METHODS = ("li", "nmar", "dudocrop")
-FIELDS = ("near_rms", "far_rms", "far_soft")
 
 
-def case_mask(data: dict, test_masks: np.ndarray | None, k: int, shape) -> torch.Tensor:
-    """The mask ``mar-rt eval`` scores with (test mask, the case's own, or segmented)."""
-    if test_masks is not None:
-        return torch.from_numpy(resize_mask(test_masks[..., k], shape))
-    if "mask" in data:
-        return torch.from_numpy(np.asarray(data["mask"]) > 0.5)
-    return segment_metal(torch.from_numpy(data["ma_CT"]), METAL_THRESHOLD_MU)
-
-
-def region_errors(img_hu: np.ndarray, target_hu: np.ndarray, mask: np.ndarray, near: float,
-                  far: float) -> dict[str, float]:  # fmt: skip
+def region_errors(
+    img_hu: np.ndarray, target_hu: np.ndarray, mask: np.ndarray, near: float, far: float
+) -> dict[str, float]:
+    """``near_rms``, ``far_rms`` and ``far_soft`` (HU) of one image (module docstring)."""
     dist = distance_transform_edt(~mask)  # px from the nearest metal pixel
     body = target_hu > -900
     e = img_hu - target_hu
@@ -78,17 +75,18 @@ def main() -> None:
     for case in find_cases(args.folder):
         data = read_case(case.case_path)
         target = mu_to_hu(read_image(case.gt_path))
-        mask = case_mask(data, test_masks, case.k, target.shape)
+        mask = scoring_mask(case, data, test_masks, target.shape, args.folder)
+        seen = seen_mask(torch.from_numpy(data["ma_CT"]), mask, args.image_only)
         row = {"case": case.name, "metal_px": int(mask.sum())}
         for m in METHODS:
             img = method_output(
-                m, data, mask, image_only=args.image_only, projector=proj,
+                m, data, seen, image_only=args.image_only, projector=proj,
                 filter=pipe.config.fbp_filter, pipeline=pipe, where=case.case_path,
             )  # fmt: skip
             row[m] = region_errors(mu_to_hu(img.numpy()), target, mask.numpy(), args.near, args.far)
         rows.append(row)
-        print(case.name, row["metal_px"], {m: {k: round(v, 1) for k, v in row[m].items()}
-                                           for m in METHODS})  # fmt: skip
+        rounded = {m: {k: round(v, 1) for k, v in row[m].items()} for m in METHODS}
+        print(case.name, row["metal_px"], rounded)
     pipe.close()
     means = {
         m: {
@@ -97,7 +95,7 @@ def main() -> None:
             "far_soft_abs": float(np.mean([abs(r[m]["far_soft"]) for r in rows])),
         }
         for m in METHODS
-    }
+    }  # the offset's sign differs per case: its size is what a method removes
     route = "image_only" if args.image_only else "sinogram"
     print(f"\nmeans over {len(rows)} cases, {route} route (HU): near_rms, far_rms, |far_soft|")
     for m, v in means.items():

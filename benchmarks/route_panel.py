@@ -29,7 +29,7 @@ from mar_rt.atomic import atomic_file
 from mar_rt.ct import metrics
 from mar_rt.ct.syndeeplesion import read_case, read_gt
 from mar_rt.ct.units import mu_to_hu
-from mar_rt.runtime.evaluate import ROUTES, method_output
+from mar_rt.runtime.evaluate import ROUTES, method_output, seen_mask
 from mar_rt.runtime.pipeline import DuDoCROPPipeline
 
 WINDOW_HU = (-200.0, 300.0)  # W 500 / L 50
@@ -53,9 +53,11 @@ def run_routes(pipe: DuDoCROPPipeline, case_dir: Path, seed: int) -> dict[str, d
     proj = pipe.operators.ct_view()
     out = {}
     for route in ROUTES:
+        image_only = route == "image_only"
+        seen = seen_mask(torch.from_numpy(data["ma_CT"]), mask, image_only)
         images = {
             name: method_output(
-                method, data, mask, image_only=route == "image_only", projector=proj,
+                method, data, seen, image_only=image_only, projector=proj,
                 filter=pipe.config.fbp_filter, pipeline=pipe, seed=seed, where=case_dir,
             )
             for name, method in COLUMN_METHODS.items()

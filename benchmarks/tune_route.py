@@ -42,13 +42,12 @@ import numpy as np
 import torch
 
 from mar_rt.ct import metrics
-from mar_rt.ct.mar import METAL_THRESHOLD_MU, segment_metal
 from mar_rt.ct.masks import SIZE_GROUPS, body_outline, generate_metal_mask, size_limits
 from mar_rt.ct.sim_settings import TRAINING_RANGES, SimulationRanges
 from mar_rt.ct.simulate import simulate_metal_artifact
 from mar_rt.runtime import osro
 from mar_rt.runtime.config import ROUTES, PipelineConfig
-from mar_rt.runtime.evaluate import group_key, method_output
+from mar_rt.runtime.evaluate import group_key, method_output, seen_mask
 from mar_rt.runtime.pipeline import DuDoCROPPipeline
 from mar_rt.train.sources import CleanSlice, read_ct_volume, series_id, shared_data_slices
 from mar_rt.train.split import series_split, split_by_series
@@ -205,16 +204,17 @@ def run_case(
 ) -> dict[str, Any]:
     target, mask, ma_ct = case["target"], case["mask"], case["ma_ct"]
     image_only = route == "image_only"
-    method_mask = segment_metal(ma_ct, METAL_THRESHOLD_MU) if image_only else mask
+    method_mask = seen_mask(ma_ct, mask, image_only)
     sino = None if image_only else case["ma_sino"]
     data = {
         "ma_CT": ma_ct.numpy(), "ma_sinogram": case["ma_sino"].numpy(),
         "LI_sinogram": case["li_sino"].numpy(),
     }  # fmt: skip
+    proj = base.operators.ct_view()
     row: dict[str, Any] = {
         m: score(
             method_output(
-                m, data, mask, image_only=image_only, projector=base.operators.ct_view(),
+                m, data, method_mask, image_only=image_only, projector=proj,
                 filter=base.config.fbp_filter,
             ),
             target, mask,

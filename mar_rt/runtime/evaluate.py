@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from mar_rt.ct.geometry import FanBeamGeometry
-from mar_rt.ct.mar import METAL_THRESHOLD_MU
+from mar_rt.ct.mar import METAL_THRESHOLD_MU, segment_metal
 from mar_rt.ct.syndeeplesion import find_gt_files
 from mar_rt.errors import BadInputError, MarRtError
 
@@ -109,6 +109,35 @@ def load_test_masks(root: Path) -> np.ndarray | None:
     return masks
 
 
+def scoring_mask(
+    case: EvalCase,
+    data: dict[str, np.ndarray],
+    test_masks: np.ndarray | None,
+    grid: tuple[int, int],
+    root: str | Path,
+) -> torch.Tensor:
+    """The mask a case is scored with (the module docstring): ``testmask.npy``'s mask k resized
+    to ``grid``, else the case file's own ``mask``, else segmented from ``ma_CT``.
+
+    BadInputError: ``testmask.npy`` has no mask k."""
+    if test_masks is not None:
+        if case.k >= test_masks.shape[-1]:
+            raise BadInputError(
+                f"{Path(root) / 'testmask.npy'} has {test_masks.shape[-1]} masks; "
+                f"{case.case_path} needs mask {case.k}"
+            )
+        return torch.from_numpy(resize_mask(test_masks[..., case.k], grid))
+    if "mask" in data:  # our simulated cases carry their true mask
+        return torch.from_numpy(np.asarray(data["mask"]) > 0.5)
+    return segment_metal(torch.from_numpy(data["ma_CT"]), METAL_THRESHOLD_MU)
+
+
+def seen_mask(ma_ct: torch.Tensor, mask: torch.Tensor, image_only: bool) -> torch.Tensor:
+    """The mask the methods see on a route: the true ``mask`` with a measured sinogram, the one
+    segmented from ``ma_CT`` (μ > ``METAL_THRESHOLD_MU``) on the image-only route."""
+    return segment_metal(ma_ct, METAL_THRESHOLD_MU) if image_only else mask
+
+
 def method_output(
     method: str,
     data: dict[str, np.ndarray],
@@ -125,13 +154,13 @@ def method_output(
     """One method's image (μ, cm⁻¹, (H, W), on the CPU) for one case on one route.
 
     ``data``: the case file (``read_case``: ``ma_CT``, ``ma_sinogram``, ``LI_sinogram``,
-    ``LI_CT``); ``mask``: the true metal mask (used on the measured route only; the image-only
-    route segments ``ma_CT``). ``projector``: the CT-view operators of the pipeline (or of
+    ``LI_CT``); ``mask``: the metal mask the methods see on this route (:func:`seen_mask`).
+    ``projector``: the CT-view operators of the pipeline (or of
     ``select_operators``); ``pipeline``: the bundle's pipeline for a network method.
 
     MarRtError: a pipeline whose QA record disagrees with the route (``where`` names the case).
     """
-    from mar_rt.ct.mar import li_correct, nmar_correct, segment_metal
+    from mar_rt.ct.mar import li_correct, nmar_correct
 
     ma_ct = torch.from_numpy(data["ma_CT"])
     if method == "input":
@@ -142,24 +171,22 @@ def method_output(
         li_sino = torch.from_numpy(data["LI_sinogram"]).to(projector.device)
         return projector.fbp(li_sino, filter=filter).cpu()
     geometry = projector.geometry
-    # what the methods see: the measured sinogram and the mask, or ma_CT alone
-    seen_mask = segment_metal(ma_ct, METAL_THRESHOLD_MU) if image_only else mask
     if method == "li":
         return li_correct(
-            ma_ct.to(projector.device), seen_mask.to(projector.device), geometry,
+            ma_ct.to(projector.device), mask.to(projector.device), geometry,
             projector=projector, filter=filter, allow_edge=True,
         )["li_image"].cpu()  # fmt: skip
     if method == "nmar":
         sino = None if image_only else torch.from_numpy(data["ma_sinogram"]).to(projector.device)
         return nmar_correct(
-            ma_ct.to(projector.device), seen_mask.to(projector.device), geometry, sinogram=sino,
+            ma_ct.to(projector.device), mask.to(projector.device), geometry, sinogram=sino,
             projector=projector, filter=filter, allow_edge=True,
         )["nmar_image"].cpu()  # fmt: skip
     out = pipeline(
         ma_ct,
         sinogram=None if image_only else torch.from_numpy(data["ma_sinogram"]),
         sinogram_is_measured=not image_only,
-        mask=seen_mask,
+        mask=mask,
         steps=steps,
         seed=seed,
         return_intermediates=False,
@@ -197,7 +224,6 @@ def evaluate(
     MarRtError: a pipeline whose QA record disagrees with the route.
     """
     from mar_rt.ct import metrics
-    from mar_rt.ct.mar import segment_metal
     from mar_rt.ct.syndeeplesion import read_case, read_image
     from mar_rt.runtime.operators import select_operators
 
@@ -244,20 +270,11 @@ def evaluate(
                         f"{case.case_path}: {name} is {tuple(arr.shape)}; the geometry needs {grid}"
                     )
             geometry.check_sinogram(tuple(ma_sino.shape), f"{case.case_path}: ma_sinogram")
-            if test_masks is not None:
-                if case.k >= test_masks.shape[-1]:
-                    raise BadInputError(
-                        f"{root / 'testmask.npy'} has {test_masks.shape[-1]} masks; "
-                        f"{case.case_path} needs mask {case.k}"
-                    )
-                mask = torch.from_numpy(resize_mask(test_masks[..., case.k], grid))
-            elif "mask" in data:  # our simulated cases carry their true mask
-                mask = torch.from_numpy(np.asarray(data["mask"]) > 0.5)
-            else:
-                mask = segment_metal(ma_ct, METAL_THRESHOLD_MU)
+            mask = scoring_mask(case, data, test_masks, grid, root)
+            seen = seen_mask(ma_ct, mask, image_only)
             outputs = {
                 m: method_output(
-                    m, data, mask, image_only=image_only, projector=proj, filter=fbp_filter,
+                    m, data, seen, image_only=image_only, projector=proj, filter=fbp_filter,
                     pipeline=pipelines.get(m), steps=steps, seed=seed, where=case.case_path,
                 )
                 for m in methods

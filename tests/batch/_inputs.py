@@ -30,6 +30,19 @@ def phantom(n: int, *, metal: bool, seed: int = 0) -> np.ndarray:
     return stack.astype(np.float32)
 
 
+def metal_npy_series(root: Path, bundle: Path, *extra: str) -> tuple[Path, Path, list[str]]:
+    """Four one-slice .npy series with metal in ``root/in``; returns that folder, the output
+    folder ``root/out`` and the ``mar-rt batch`` arguments that run them on ``bundle`` (one
+    SDE step, μ units, torch, no previews) followed by ``extra``."""
+    src, out = root / "in", root / "out"
+    src.mkdir()
+    for i in range(4):
+        np.save(src / f"s{i}.npy", phantom(1, metal=True, seed=i))
+    args = [str(src), "--out", str(out), "--bundle", str(bundle), "--units", "mu"]
+    args += ["--steps", "1", "--backend", "torch", "--no-preview", *extra]
+    return src, out, args
+
+
 def _metal_dicom(src: list[Path], folder: Path) -> None:
     """Copies of ``src`` as a new series with a titanium-like disc (3000 HU) burnt in."""
     import pydicom

@@ -23,7 +23,7 @@ pytest.importorskip("ray", reason="mar-rt batch needs the scale extra (ray[data]
 from typer.testing import CliRunner  # noqa: E402
 
 from mar_rt.cli import app  # noqa: E402
-from tests.batch._inputs import make_inputs, phantom  # noqa: E402
+from tests.batch._inputs import make_inputs, metal_npy_series  # noqa: E402
 from tests.runtime._runtime_bundles import micro_bundle  # noqa: E402
 
 EXIT_SOME_FAILED = 3
@@ -168,13 +168,7 @@ def _session_pids(sid: int) -> list[int]:
 def test_a_killed_job_resumes_without_half_written_output(
     ray_local: None, bundle: Path, tmp_path: Path
 ) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(4):
-        np.save(src / f"s{i}.npy", phantom(1, metal=True, seed=i))
-    out = tmp_path / "out"
-    args = [str(src), "--out", str(out), "--bundle", str(bundle), "--units", "mu"]
-    args += ["--steps", "1", "--backend", "torch", "--workers", "1", "--no-preview"]
+    src, out, args = metal_npy_series(tmp_path, bundle, "--workers", "1")
 
     _killed_midway(args, out / "ledger.jsonl")
     first = _ledger(out)
@@ -217,23 +211,18 @@ def test_a_worker_that_dies_has_its_series_retried(
     runs the series it was holding again, so every series ends 'done', once each."""
     import threading
 
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(4):
-        np.save(src / f"s{i}.npy", phantom(1, metal=True, seed=i))
-    out = tmp_path / "out"
-    args = [str(src), "--out", str(out), "--bundle", str(bundle), "--units", "mu"]
-    args += ["--steps", "1", "--backend", "torch", "--workers", "1", "--no-preview"]
+    src, out, args = metal_npy_series(tmp_path, bundle, "--workers", "1")
     killed: list[int] = []
 
     def kill_after_first_record() -> None:
         ledger = out / "ledger.jsonl"
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if ledger.exists() and ledger.read_text().count("\n") >= 1 and _worker_pids():
-                for pid in _worker_pids():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+            pids = _worker_pids() if ledger.exists() and ledger.read_text().count("\n") else []
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            if pids:
                 return
             time.sleep(0.05)
 

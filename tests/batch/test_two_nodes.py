@@ -10,7 +10,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("ray", reason="mar-rt batch needs the scale extra (ray[data])")
@@ -18,7 +17,7 @@ pytest.importorskip("ray", reason="mar-rt batch needs the scale extra (ray[data]
 from typer.testing import CliRunner  # noqa: E402
 
 from mar_rt.cli import app  # noqa: E402
-from tests.batch._inputs import phantom  # noqa: E402
+from tests.batch._inputs import metal_npy_series  # noqa: E402
 from tests.runtime._runtime_bundles import micro_bundle  # noqa: E402
 
 NODE = {"num_cpus": 1, "object_store_memory": 100_000_000}
@@ -55,13 +54,7 @@ def test_batch_uses_both_nodes(
     import ray
 
     bundle = micro_bundle(tmp_path_factory)
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(4):
-        np.save(src / f"s{i}.npy", phantom(1, metal=True, seed=i))
-    out = tmp_path / "out"
-    args = [str(src), "--out", str(out), "--bundle", str(bundle), "--units", "mu"]
-    args += ["--steps", "1", "--backend", "torch", "--no-preview", "--address", cluster.address]
+    _, out, args = metal_npy_series(tmp_path, bundle, "--address", cluster.address)
     result = CliRunner().invoke(app, ["batch", *args])
     assert result.exit_code == 0, result.output
     assert "on the Ray cluster at" in result.output and "2 worker(s)" in result.output
