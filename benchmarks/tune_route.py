@@ -18,7 +18,10 @@ pipeline's own steps 4–6 on those tensors (``mar_rt.runtime.osro``), exactly w
 pipeline would output with those switches (residual off: X̂_p = X'_p).
 
 Scores: PSNR / SSIM against the clean slice, metal excluded (the SynDeepLesion convention,
-``mar_rt.ct.metrics``), per size group.
+``mar_rt.ct.metrics``), per size group. ``--reference scanner`` scores against each case's own
+metal-free, noise-free scan instead (``mar_rt.ct.simulate.metal_free_scan``: Ram-Lak on the
+measured route, the case's kernel on the image-only route), so only what a method does to the
+metal artifact and the noise counts, not the simulator's calibration and resolution.
 
     python benchmarks/tune_route.py tune --cases 35 \
         --out benchmarks/results/tune_route_2026-12-03.json
@@ -44,7 +47,7 @@ import torch
 from mar_rt.ct import metrics
 from mar_rt.ct.masks import SIZE_GROUPS, body_outline, generate_metal_mask, size_limits
 from mar_rt.ct.sim_settings import TRAINING_RANGES, SimulationRanges
-from mar_rt.ct.simulate import simulate_metal_artifact
+from mar_rt.ct.simulate import metal_free_scan, simulate_metal_artifact
 from mar_rt.runtime import osro
 from mar_rt.runtime.config import ROUTES, PipelineConfig
 from mar_rt.runtime.evaluate import group_key, method_output, seen_mask
@@ -110,9 +113,11 @@ def make_cases(
     seed: int,
     proj: Any,
     ranges: SimulationRanges = TRAINING_RANGES,
+    reference: str = "clean",
 ) -> list[dict[str, Any]]:
     """``n`` simulated cases, slices spread evenly, size groups in turn, settings drawn from
-    ``ranges``."""
+    ``ranges``; ``targets`` per route: the clean slice, or with ``reference="scanner"`` the
+    case's metal-free scan (module docstring)."""
     picks = np.linspace(0, len(slices) - 1, n).round().astype(int)
     cases = []
     for i, j in enumerate(picks):
@@ -140,6 +145,13 @@ def make_cases(
         sim = simulate_metal_artifact(
             target, torch.from_numpy(mask), settings=settings, seed=seed * 1000 + i, projector=proj
         )
+        targets = {"sinogram": target, "image_only": target}
+        if reference == "scanner":
+            scan = metal_free_scan(
+                target, torch.from_numpy(mask), settings=settings, projector=proj,
+                filter="ram-lak",
+            )  # fmt: skip
+            targets = {"sinogram": scan["image"].cpu(), "image_only": scan["poly_CT"].cpu()}
         cases.append(
             {
                 "name": f"{s.slice_id}_m{i:02d}",
@@ -148,6 +160,7 @@ def make_cases(
                 "settings": settings.to_dict(),
                 "mask": torch.from_numpy(mask),
                 "target": target,
+                "targets": targets,
                 "ma_ct": sim["ma_CT"].float().cpu(),
                 "ma_sino": sim["ma_sinogram"].float().cpu(),
                 "li_sino": sim["LI_sinogram"].float().cpu(),
@@ -202,7 +215,7 @@ def run_case(
     wanted: list[dict[str, Any]],
     seed: int,
 ) -> dict[str, Any]:
-    target, mask, ma_ct = case["target"], case["mask"], case["ma_ct"]
+    target, mask, ma_ct = case["targets"][route], case["mask"], case["ma_ct"]
     image_only = route == "image_only"
     method_mask = seen_mask(ma_ct, mask, image_only)
     sino = None if image_only else case["ma_sino"]
@@ -358,6 +371,7 @@ def main() -> None:
     ap.add_argument("--mu", nargs="+", default=["nmar"], choices=MU_SOURCES)
     ap.add_argument("--clip", nargs="+", type=int, default=[1, 0], choices=(1, 0))
     ap.add_argument("--check", action="store_true", help="verify the fidelity-off reuse first")
+    ap.add_argument("--reference", choices=("clean", "scanner"), default="clean")
     ap.add_argument("--tune", type=Path, help="report: the tune JSON")
     ap.add_argument("--validation", type=Path, help="report: the validate JSON")
     ap.add_argument("--out", type=Path)
@@ -383,7 +397,7 @@ def main() -> None:
     slices = split_slices(args.data, split)
     names = sorted({series_id(s) for s in slices})
     log.info("%s split: %d slices from %s", split, len(slices), names)
-    cases = make_cases(slices, args.cases, seed, base.operators.ct_view())
+    cases = make_cases(slices, args.cases, seed, base.operators.ct_view(), reference=args.reference)
     log.info("%d cases simulated (%.0f s)", len(cases), time.perf_counter() - t0)
     if args.check:
         diff = check_reuse(base, cases[0], args.seed)
@@ -442,6 +456,7 @@ def write(args, split, seed, cases, rows, current, config, t0) -> None:  # noqa:
         "seed": seed,
         "mu_sources": args.mu,
         "use_clip": args.clip,
+        "reference": args.reference,
         "n_cases": len(rows),
         "n_cases_planned": len(cases),
         "current": current,

@@ -44,6 +44,10 @@ MIN_METAL_PIXELS = 5
 
 
 # --- validation helpers -------------------------------------------------------------------
+NMAR_EPS = 1e-6
+"""Added to the prior's projection before NMAR divides by it (DESIGN §6 step 5)."""
+
+
 def as_tensor(x: Any, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x`` as a torch tensor (numpy is converted; tensors keep their device)."""
     if isinstance(x, torch.Tensor):
@@ -368,6 +372,6 @@ def nmar_from_li(
             )
         ]
     ).reshape(li_image.shape)
-    p_prior = torch.clamp(forward_with(projector, prior), min=0) + 1e-6
+    p_prior = torch.clamp(forward_with(projector, prior), min=0) + NMAR_EPS
     p_nmar = li_inpaint(sinogram / p_prior, trace) * p_prior
     return p_nmar, fbp_with(projector, p_nmar, filter), prior

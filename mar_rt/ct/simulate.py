@@ -395,3 +395,32 @@ def simulate_metal_artifact(
         "metal_trace": trace,
         "mask": m,
     }
+
+
+def metal_free_scan(
+    image_mu: Any,
+    mask: Any,
+    *,
+    settings: SimulationSettings,
+    geometry: FanBeamGeometry = _SDL,
+    projector: Any | None = None,
+    filter: str = "ram-lak",
+) -> dict[str, torch.Tensor]:
+    """The metal-free image a scanner with ``settings`` would make of ``image_mu``, without noise.
+
+    Runs :func:`simulate_metal_artifact` with expected counts (``noise=False``) and keeps its
+    metal-free scan: ``poly_sinogram`` (E[Y], the scanner's calibration, i.e. its
+    beam-hardening correction and scatter, and its resolution, i.e. grid, apertures and
+    partial volume), ``poly_CT`` = FBP(E[Y]) with the settings' own kernel, and ``image`` =
+    FBP(E[Y]) with ``filter`` (a pipeline that reconstructs the scanner's sinogram with its own
+    kernel sees this one). The implant's pixels are empty in all three, as in
+    ``simulate_metal_artifact``'s metal-free scan. Shapes and units as there.
+    """
+    proj = resolve_projector(geometry, projector, as_tensor(image_mu, "image_mu").device)
+    sim = simulate_metal_artifact(
+        image_mu, mask, geometry=geometry, settings=settings, noise=False, projector=proj,
+        allow_edge=True,
+    )  # fmt: skip
+    own = sim["poly_CT"]
+    image = own if filter == settings.filter else fbp_with(proj, sim["poly_sinogram"], filter)
+    return {"poly_sinogram": sim["poly_sinogram"], "poly_CT": own, "image": image.to(own.dtype)}

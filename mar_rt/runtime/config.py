@@ -33,6 +33,10 @@ ABLATIONS = ("full", "sde_only", "dapg_only")
 """Named ablations of DESIGN §9: IR-SDE alone (no DuDoCLIP), DAPG only (no OSRO), full."""
 
 Route = Literal["sinogram", "image_only"]
+FidelityPrior = Literal["sinogram", "image"]
+FIDELITY_PRIORS = ("sinogram", "image")
+"""What fills the metal trace in OSRO's fidelity step (``PipelineConfig.fidelity_prior``)."""
+
 ROUTES = ("sinogram", "image_only")
 """The two routes of DESIGN §8: a measured sinogram was given, or Y_ma = FP(X_ma) (synthetic)."""
 
@@ -46,6 +50,7 @@ ROUTE_SWITCHES = (
     "run_sinogram_sde",
     "run_osro",
     "osro_fidelity",
+    "fidelity_prior",
     "norm1",
     "osro_residual",
     "norm2",
@@ -76,6 +81,11 @@ class PipelineConfig:
         run_osro: ``False`` skips OSRO entirely: X_out = X_p ("DAPG only").
         osro_fidelity: step 1 replaces Y_p outside the trace by Y_ma; ``False`` uses
             X'_p = FBP(Y_p).
+        fidelity_prior: what fills the trace in step 1: ``"sinogram"`` (Y_p, the sinogram
+            IR-SDE: the paper's Eq. 13) or ``"image"`` (Y_ma interpolated across the trace
+            after normalising by FP(X_p), NMAR's step with the image IR-SDE's X_p as the prior:
+            ``osro.prior_normalised_sinogram``). With ``"image"`` every measured bin outside
+            the trace stays as measured and X_p only shapes the trace.
         norm1: step 2 matches X_p's mean/std to X'_p over non-metal pixels; ``False`` uses X_p.
         osro_residual: step 3 runs the residual IR-SDE; ``False`` sets R̂ = 0 (X̂_p = X'_p).
         norm2: step 5 matches X̂_p's mean/std to X_p over non-metal pixels.
@@ -106,6 +116,7 @@ class PipelineConfig:
     run_sinogram_sde: bool = True
     run_osro: bool = True
     osro_fidelity: bool = True
+    fidelity_prior: FidelityPrior = "sinogram"
     norm1: bool = True
     osro_residual: bool = True
     norm2: bool = True
@@ -143,6 +154,11 @@ class PipelineConfig:
         if self.mu_source not in ("li", "nmar", "ma"):
             raise ValueError(
                 f"PipelineConfig: mu_source must be 'li', 'nmar' or 'ma', got {self.mu_source!r}"
+            )
+        if self.fidelity_prior not in FIDELITY_PRIORS:
+            raise ValueError(
+                f"PipelineConfig: fidelity_prior must be one of {FIDELITY_PRIORS}, "
+                f"got {self.fidelity_prior!r}"
             )
         if self.on_size_mismatch not in ("resample", "refuse"):
             raise ValueError(

@@ -5,6 +5,8 @@ Notation (DESIGN §8; our reading of the paper, arXiv 2408.14342):
     Y_ma, Y_p      measured sinogram and the sinogram-domain prior   (B, V, D)
     Tr             metal trace, bool                                 (B, V, D)
     Y_f            (1 − Tr)⊙Y_ma + Tr⊙Y_p                (Eq. 13)   ``fidelity_sinogram``
+                   or, with ``fidelity_prior="image"``, LI(Y_ma / P)·P, P = FP(X_p) + 1e−6
+                   (NMAR's normalisation, X_p as the prior)  ``prior_normalised_sinogram``
     X_p, X'_p      image-domain prior and FBP(Y_f)                   (B, H, W), μ in cm⁻¹
     M              metal mask; statistics use the non-metal pixels ¬M
     Norm(a → b)    a rescaled to b's mean and std over ¬M            ``match_stats``
@@ -18,12 +20,31 @@ from __future__ import annotations
 
 import torch
 
+from mar_rt.ct.mar import NMAR_EPS, li_inpaint
+from mar_rt.ct.units import MU_WATER
+
 _STD_FLOOR = 1e-12
 
 
 def fidelity_sinogram(y_ma: torch.Tensor, y_p: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
     """Y_f = (1 − Tr)⊙Y_ma + Tr⊙Y_p: measured data outside the trace, the prior inside (Eq. 13)."""
     return torch.where(trace, y_p, y_ma)
+
+
+def image_prior(x_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """X_p as a prior image: metal pixels set to water and negatives to 0 (B, H, W), cm⁻¹."""
+    water = torch.full_like(x_p, MU_WATER)
+    return torch.where(mask, water, x_p).clamp(min=0.0)
+
+
+def prior_normalised_sinogram(
+    y_ma: torch.Tensor, y_prior: torch.Tensor, trace: torch.Tensor
+) -> torch.Tensor:
+    """LI(Y_ma / P)·P with P = max(``y_prior``, 0) + 1e−6: Y_ma outside the trace, and inside it
+    the interpolation of Y_ma across the trace shaped by the prior's projection (NMAR, Meyer et
+    al. 2010, steps 5–6; DESIGN §6). (B, V, D)."""
+    p = torch.clamp(y_prior, min=0.0) + NMAR_EPS
+    return torch.where(trace, li_inpaint(y_ma / p, trace) * p, y_ma)
 
 
 def masked_mean_std(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

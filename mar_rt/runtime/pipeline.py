@@ -585,8 +585,15 @@ class DuDoCROPPipeline:
         """OSRO steps 1–6 (DESIGN §8) into ``b.out``."""
         cfg = self.config
         valid = ~b.mask
-        # 1. raw-data fidelity: Y_f = (1 − Tr)⊙Y_ma + Tr⊙Y_p, X'_p = FBP(Y_f)
-        y_f = osro.fidelity_sinogram(b.y_ma, y_p, b.trace) if cfg.osro_fidelity else y_p
+        # 1. raw-data fidelity: Y_f = (1 − Tr)⊙Y_ma + Tr⊙Y_p (or Y_ma across the trace
+        # normalised by FP(X_p)), X'_p = FBP(Y_f)
+        if not cfg.osro_fidelity:
+            y_f = y_p
+        elif cfg.fidelity_prior == "image":
+            y_prior = self.projector.forward(osro.image_prior(x_p, b.mask).contiguous())
+            y_f = osro.prior_normalised_sinogram(b.y_ma, y_prior, b.trace)
+        else:
+            y_f = osro.fidelity_sinogram(b.y_ma, y_p, b.trace)
         x_pp = self.projector.fbp(y_f.contiguous(), filter=cfg.fbp_filter)
         # 2. Norm¹: X̃_p = Norm(X_p → X'_p)
         x_tilde = self.operators.match_stats(x_p, x_pp, valid) if cfg.norm1 else x_p

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 IMAGE_INPUTS = ("measured", "image_only", "both")
 """What the image U-Net's μ is made from (``DataConfig.image_inputs``)."""
 
+IMAGE_TARGETS = ("clean", "scanner")
+"""What the image U-Net is trained to output (``DataConfig.image_target``)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -43,8 +46,15 @@ class DataConfig:
     ``image_inputs``: what the image U-Net's μ is made from. "measured": LI / NMAR of the
     pair's ``ma_sinogram``; "image_only": as the image-only route makes it
     (:func:`image_only_view`: Y_ma = FP(ma_CT), mask segmented, then LI / NMAR of that);
-    "both": every pair twice, once each way (one network for both routes). Targets are
-    unchanged.
+    "both": every pair twice, once each way (one network for both routes).
+
+    ``image_target``: what the image U-Net is trained to output. "clean": the clean slice X
+    itself. "scanner": the metal-free, noise-free image of the pair's own scan
+    (``domains.with_scanner_targets``): its calibration (beam-hardening correction, scatter)
+    and resolution (grid, apertures, kernel) are the scanner's, so the network learns to
+    remove the metal artifact and the noise and leaves the rest as the scanner made it. The
+    measured route's target is reconstructed with the pipeline's kernel, the image-only
+    route's with the pair's own.
 
     ``sim_ranges``: the simulator settings of each training pair. "protocol": the
     SynDeepLesion protocol (``SimulationSettings()``), as every pair was made before;
@@ -67,6 +77,7 @@ class DataConfig:
     clip_val_masks: int = 0
     clip_clean: bool = False
     image_inputs: str = "measured"
+    image_target: str = "clean"
     sim_ranges: str = "protocol"
     exclude_series: tuple[str, ...] = ()
 
@@ -74,6 +85,10 @@ class DataConfig:
         if self.image_inputs not in IMAGE_INPUTS:
             raise ValueError(
                 f"DataConfig.image_inputs must be one of {IMAGE_INPUTS}, got {self.image_inputs!r}"
+            )
+        if self.image_target not in IMAGE_TARGETS:
+            raise ValueError(
+                f"DataConfig.image_target must be one of {IMAGE_TARGETS}, got {self.image_target!r}"
             )
         if self.sim_ranges not in SIM_RANGES:
             raise ValueError(

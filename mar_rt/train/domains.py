@@ -151,6 +151,75 @@ def _nmar_digest(pairs: PairSet) -> str:
     return h.hexdigest()
 
 
+def with_scanner_targets(
+    pairs: PairSet, *, sim_ranges: str, filter: str = "ram-lak",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> PairSet:  # fmt: skip
+    """``pairs`` plus the metal-free image each pair's own scanner would make, for
+    ``DataConfig.image_target="scanner"`` (the target is the metal artifact, not the
+    simulator's calibration or resolution):
+
+        scanner_CT      FBP(E[Y]) with ``filter``: the measured route reconstructs the
+                        scanner's sinogram with the pipeline's kernel
+        scanner_CT_own  FBP(E[Y]) with the pair's own kernel: the image-only route starts from
+                        the scanner's image
+
+    E[Y] is the pair's metal-free polychromatic sinogram under its own simulator settings
+    (``pairs.pair_settings``: spectrum, resolution, beam-hardening correction, scatter), with
+    expected counts instead of Poisson draws. (N, H, W) μ in cm⁻¹, on the pairs' device.
+    ``cache_dir``: kept and read back as :func:`with_nmar` does, named by a digest of the
+    images, masks, seeds, metals, ``sim_ranges``, ``filter`` and ``mar_rt.ct``'s source.
+    """
+    path = None
+    if cache_dir is not None:
+        key = _scanner_digest(pairs, sim_ranges, filter)
+        path = Path(cache_dir) / f"scanner-{key}.pt"
+        if path.is_file():
+            stored = torch.load(path, map_location=pairs.device, weights_only=True)
+            log.info("with_scanner_targets: %d pairs read from %s", len(pairs), path)
+            return PairSet(pairs.metas, {**pairs.fields, **stored})
+    t0 = time.monotonic()
+    out = _scanner_fields(pairs, sim_ranges, filter)
+    if path is not None:
+        with atomic_file(path) as tmp:
+            torch.save({k: v.cpu() for k, v in out.items()}, tmp)
+    log.info("with_scanner_targets: %d pairs in %.0f s", len(pairs), time.monotonic() - t0)
+    return PairSet(pairs.metas, {**pairs.fields, **out})
+
+
+def _scanner_fields(pairs: PairSet, sim_ranges: str, filter: str) -> dict[str, torch.Tensor]:
+    from mar_rt.ct.simulate import metal_free_scan
+    from mar_rt.train.pairs import pair_settings
+
+    f = pairs.fields
+    proj = get_projector(GEOMETRY, device=pairs.device, dtype=torch.float32)
+    own, ours = [], []
+    for i, meta in enumerate(pairs.metas):
+        settings = pair_settings(sim_ranges, meta.seed, meta.material)
+        scan = metal_free_scan(
+            f["image"][i], f["mask"][i], settings=settings, geometry=GEOMETRY, projector=proj,
+            filter=filter,
+        )  # fmt: skip
+        own.append(scan["poly_CT"].to(pairs.device))
+        ours.append(scan["image"].to(pairs.device))
+    return {"scanner_CT": torch.stack(ours), "scanner_CT_own": torch.stack(own)}
+
+
+def _scanner_digest(pairs: PairSet, sim_ranges: str, filter: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{sim_ranges}|{filter}".encode())
+    for meta in pairs.metas:
+        h.update(f"{meta.seed}|{meta.material}".encode())
+    for name in ("image", "mask"):
+        t = pairs.fields[name].detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy())
+    for src in sorted(Path(ct_package.__file__).parent.glob("*.py")):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    return h.hexdigest()
+
+
 def _mu_field(pairs: PairSet, domain: str, mu_source: str) -> torch.Tensor:
     name = _MU_FIELDS[domain].get(mu_source)
     if name is None:
@@ -163,16 +232,19 @@ def _mu_field(pairs: PairSet, domain: str, mu_source: str) -> torch.Tensor:
 
 
 def image_domain(
-    pairs: PairSet, content: torch.Tensor, artifact: torch.Tensor, *, mu_source: str = "li"
-) -> DomainData:
-    """Image domain: μ = x(X_LI) (or x(X_NMAR), x(X_ma)), target x(X), metal pixels
-    weighted 0."""
+    pairs: PairSet, content: torch.Tensor, artifact: torch.Tensor, *,
+    mu_source: str = "li", target: str = "image",
+) -> DomainData:  # fmt: skip
+    """Image domain: μ = x(X_LI) (or x(X_NMAR), x(X_ma)), target x(X) (or the field
+    ``target``, e.g. ``scanner_CT`` of :func:`with_scanner_targets`), metal pixels weighted 0."""
     f = pairs.fields
+    if target not in f:
+        raise ValueError(f"image target {target!r} is not among the pairs' fields")
     mu = _mu_field(pairs, "image", mu_source)
     mask = f["mask"]
     return DomainData(
         kind="image",
-        x0=units.image_to_net(f["image"])[:, None],
+        x0=units.image_to_net(f[target])[:, None],
         mu=units.image_to_net(mu)[:, None],
         weight=(~mask).float()[:, None],
         points=focus_points(dilate(mask, 24)),

@@ -60,6 +60,7 @@ from mar_rt.train.domains import (
     residual_domain,
     sinogram_domain,
     with_nmar,
+    with_scanner_targets,
 )
 from mar_rt.train.pair_meta import PairMeta
 from mar_rt.train.pairs import PairSet, generate_pairs
@@ -461,14 +462,28 @@ def _domain_data(run: Run, domain: str) -> DomainData:
         run.train = with_nmar(run.train, cache_dir=nmar_cache)
     if domain == "image":
         c, a = run.emb["image"]
+        targets = {"measured": "image", "image_only": "image"}
+        if r.data.image_target == "scanner":
+            targets = {"measured": "scanner_CT", "image_only": "scanner_CT_own"}
+            if "scanner_CT" not in run.train.fields:
+                run.train = with_scanner_targets(
+                    run.train, sim_ranges=r.data.sim_ranges, filter=r.pipeline.fbp_filter,
+                    cache_dir=run.work / "cache" / "scanner" if r.cache_pairs else None,
+                )  # fmt: skip
         parts = []
         if r.data.image_inputs in ("measured", "both"):
-            parts.append(image_domain(run.train, c, a, mu_source=r.pipeline.mu_source))
+            parts.append(
+                image_domain(
+                    run.train, c, a, mu_source=r.pipeline.mu_source, target=targets["measured"]
+                )
+            )
         if r.data.image_inputs in ("image_only", "both"):  # μ as the image-only route makes it
             mu_source = r.pipeline.for_route("image_only").mu_source
             pairs = image_only_view(run.train)
             pairs = with_nmar(pairs, cache_dir=nmar_cache) if mu_source == "nmar" else pairs
-            parts.append(image_domain(pairs, c, a, mu_source=mu_source))
+            parts.append(
+                image_domain(pairs, c, a, mu_source=mu_source, target=targets["image_only"])
+            )
         return concat_domains(parts)
     c, a = run.emb["sinogram"]
     return sinogram_domain(run.train, c, a, mu_source=r.pipeline.mu_source)

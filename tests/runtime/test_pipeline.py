@@ -404,3 +404,38 @@ def test_image_only_overrides_travel_in_bundle_json(tmp_path):
         assert p.config == cfg
         assert p.for_route("image_only").config.osro_fidelity is False
         assert p.for_route("sinogram").config.osro_fidelity is True
+
+
+def test_image_fidelity_prior_keeps_the_measurement_and_shapes_the_trace_by_x_p(pipe):
+    """fidelity_prior="image": Y_f is Y_ma on every bin outside the trace, and inside it Y_f / P
+    is the straight line between the trace's two edge values of Y_ma / P in each view, with
+    P = FP(X_p, metal pixels as water) (NMAR's normalised interpolation, X_p as the prior)."""
+    x = _slice()
+    cfg = pipe.config.replace(fidelity_prior="image")
+    out = pipe.with_config(cfg)(x, steps=1, seed=4)
+    i = {k: v[0] for k, v in out.intermediates.items()}
+    tr = i["trace"]
+    assert torch.equal(i["y_f"][~tr], i["y_ma"][~tr])
+    prior = torch.where(i["mask"], torch.full_like(i["x_p"], units.MU_WATER), i["x_p"])
+    p = Projector(pipe.geometry).forward(prior.clamp(min=0)[None])[0].clamp(min=0) + 1e-6
+    ratio_f, ratio_ma = (i["y_f"] / p).double(), (i["y_ma"] / p).double()
+    checked = 0
+    for v in range(tr.shape[0]):
+        cols = torch.nonzero(tr[v]).flatten().tolist()
+        if not cols or cols[0] == 0 or cols[-1] == tr.shape[1] - 1:
+            continue
+        runs = [[cols[0]]]
+        for c in cols[1:]:
+            (runs[-1].append(c) if c == runs[-1][-1] + 1 else runs.append([c]))
+        for run in runs:
+            left, right = run[0] - 1, run[-1] + 1
+            t = (torch.tensor(run, dtype=torch.float64) - left) / (right - left)
+            want = ratio_ma[v, left] + (ratio_ma[v, right] - ratio_ma[v, left]) * t
+            torch.testing.assert_close(ratio_f[v, run], want, rtol=1e-4, atol=1e-5)
+            checked += 1
+    assert checked > 10
+    # X_p, not the sinogram IR-SDE, shaped the trace: the two fidelity priors differ there
+    default = pipe(x, steps=1, seed=4).intermediates["y_f"][0]
+    assert not torch.allclose(default[tr], i["y_f"][tr], atol=1e-3)
+    with pytest.raises(ValueError, match="fidelity_prior"):
+        pipe.config.replace(fidelity_prior="nmar")
