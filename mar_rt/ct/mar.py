@@ -301,6 +301,13 @@ def _gaussian_5x5(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     return torch.nn.functional.conv2d(padded, k2).reshape(x.shape)
 
 
+def normalised_inpaint(sinogram: Any, prior_sinogram: Any, trace: Any) -> torch.Tensor:
+    """NMAR steps 5–6: P_prior = max(``prior_sinogram``, 0) + ``NMAR_EPS``, then
+    LI(P / P_prior) · P_prior. Shapes as :func:`li_inpaint` (``prior_sinogram`` like P)."""
+    p_prior = torch.clamp(prior_sinogram, min=0) + NMAR_EPS
+    return li_inpaint(sinogram / p_prior, trace) * p_prior
+
+
 def nmar_prior(li_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """NMAR prior image (DESIGN §6 steps 1–4) from a 2-D LI image and its metal mask.
 
@@ -372,6 +379,5 @@ def nmar_from_li(
             )
         ]
     ).reshape(li_image.shape)
-    p_prior = torch.clamp(forward_with(projector, prior), min=0) + NMAR_EPS
-    p_nmar = li_inpaint(sinogram / p_prior, trace) * p_prior
+    p_nmar = normalised_inpaint(sinogram, forward_with(projector, prior), trace)
     return p_nmar, fbp_with(projector, p_nmar, filter), prior

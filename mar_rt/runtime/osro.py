@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from mar_rt.ct.mar import NMAR_EPS, li_inpaint
+from mar_rt.ct.mar import normalised_inpaint
 from mar_rt.ct.units import MU_WATER
 
 _STD_FLOOR = 1e-12
@@ -40,11 +40,10 @@ def image_prior(x_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def prior_normalised_sinogram(
     y_ma: torch.Tensor, y_prior: torch.Tensor, trace: torch.Tensor
 ) -> torch.Tensor:
-    """LI(Y_ma / P)·P with P = max(``y_prior``, 0) + 1e−6: Y_ma outside the trace, and inside it
-    the interpolation of Y_ma across the trace shaped by the prior's projection (NMAR, Meyer et
-    al. 2010, steps 5–6; DESIGN §6). (B, V, D)."""
-    p = torch.clamp(y_prior, min=0.0) + NMAR_EPS
-    return torch.where(trace, li_inpaint(y_ma / p, trace) * p, y_ma)
+    """Y_ma outside the trace, and inside it NMAR's normalised interpolation of Y_ma with
+    ``y_prior`` (FP of the prior image) as the shape (``mar_rt.ct.mar.normalised_inpaint``;
+    Meyer et al. 2010, steps 5–6; DESIGN §6). (B, V, D)."""
+    return torch.where(trace, normalised_inpaint(y_ma, y_prior, trace), y_ma)
 
 
 def masked_mean_std(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

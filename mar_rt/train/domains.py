@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,20 +106,8 @@ def with_nmar(
     and read back instead of computed when the same inputs come again under the same code
     (written under a temporary name, then renamed).
     """
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"nmar-{_nmar_digest(pairs)}.pt"
-        if path.is_file():
-            stored = torch.load(path, map_location=pairs.device, weights_only=True)
-            log.info("with_nmar: %d pairs read from %s", len(pairs), path)
-            return PairSet(pairs.metas, {**pairs.fields, **stored})
-    t0 = time.monotonic()
-    out = _nmar_fields(pairs, batch)
-    if path is not None:
-        with atomic_file(path) as tmp:
-            torch.save({k: v.cpu() for k, v in out.items()}, tmp)
-    log.info("with_nmar: %d pairs in %.0f s", len(pairs), time.monotonic() - t0)
-    return PairSet(pairs.metas, {**pairs.fields, **out})
+    digest = _digest(pairs, ("ma_sinogram", "LI_CT", "mask", "metal_trace"))
+    return _cached_fields(pairs, cache_dir, f"nmar-{digest}", lambda: _nmar_fields(pairs, batch))
 
 
 def _nmar_fields(pairs: PairSet, batch: int) -> dict[str, torch.Tensor]:
@@ -137,11 +126,12 @@ def _nmar_fields(pairs: PairSet, batch: int) -> dict[str, torch.Tensor]:
     return {"NMAR_CT": torch.cat(xs), "NMAR_sinogram": torch.cat(ys)}
 
 
-def _nmar_digest(pairs: PairSet) -> str:
-    """Hex digest of NMAR's inputs in ``pairs`` and of the source of ``mar_rt.ct`` (the
-    projector, FBP and NMAR that compute it)."""
+def _digest(pairs: PairSet, names: tuple[str, ...], header: str = "") -> str:
+    """Hex digest of ``header``, the fields ``names`` of ``pairs`` and the source of
+    ``mar_rt.ct`` (the simulator, projector, FBP and NMAR that compute cached fields)."""
     h = hashlib.blake2b(digest_size=16)
-    for name in ("ma_sinogram", "LI_CT", "mask", "metal_trace"):
+    h.update(header.encode())
+    for name in names:
         t = pairs.fields[name].detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.numpy())
@@ -149,6 +139,28 @@ def _nmar_digest(pairs: PairSet) -> str:
         h.update(src.name.encode())
         h.update(src.read_bytes())
     return h.hexdigest()
+
+
+def _cached_fields(
+    pairs: PairSet,
+    cache_dir: str | os.PathLike[str] | None,
+    key: str,
+    compute: Callable[[], dict[str, torch.Tensor]],
+) -> PairSet:
+    """``pairs`` plus ``compute()``'s fields, kept in ``<cache_dir>/<key>.pt`` (written under a
+    temporary name, then renamed) and read back from there when present."""
+    path = None if cache_dir is None else Path(cache_dir) / f"{key}.pt"
+    if path is not None and path.is_file():
+        stored = torch.load(path, map_location=pairs.device, weights_only=True)
+        log.info("%s: %d pairs read from %s", key, len(pairs), path)
+        return PairSet(pairs.metas, {**pairs.fields, **stored})
+    t0 = time.monotonic()
+    out = compute()
+    if path is not None:
+        with atomic_file(path) as tmp:
+            torch.save({k: v.cpu() for k, v in out.items()}, tmp)
+    log.info("%s: %d pairs computed in %.0f s", key, len(pairs), time.monotonic() - t0)
+    return PairSet(pairs.metas, {**pairs.fields, **out})
 
 
 def with_scanner_targets(
@@ -170,21 +182,11 @@ def with_scanner_targets(
     ``cache_dir``: kept and read back as :func:`with_nmar` does, named by a digest of the
     images, masks, seeds, metals, ``sim_ranges``, ``filter`` and ``mar_rt.ct``'s source.
     """
-    path = None
-    if cache_dir is not None:
-        key = _scanner_digest(pairs, sim_ranges, filter)
-        path = Path(cache_dir) / f"scanner-{key}.pt"
-        if path.is_file():
-            stored = torch.load(path, map_location=pairs.device, weights_only=True)
-            log.info("with_scanner_targets: %d pairs read from %s", len(pairs), path)
-            return PairSet(pairs.metas, {**pairs.fields, **stored})
-    t0 = time.monotonic()
-    out = _scanner_fields(pairs, sim_ranges, filter)
-    if path is not None:
-        with atomic_file(path) as tmp:
-            torch.save({k: v.cpu() for k, v in out.items()}, tmp)
-    log.info("with_scanner_targets: %d pairs in %.0f s", len(pairs), time.monotonic() - t0)
-    return PairSet(pairs.metas, {**pairs.fields, **out})
+    seeds = "|".join(f"{m.seed}:{m.material}" for m in pairs.metas)
+    digest = _digest(pairs, ("image", "mask"), f"{sim_ranges}|{filter}|{seeds}")
+    return _cached_fields(
+        pairs, cache_dir, f"scanner-{digest}", lambda: _scanner_fields(pairs, sim_ranges, filter)
+    )
 
 
 def _scanner_fields(pairs: PairSet, sim_ranges: str, filter: str) -> dict[str, torch.Tensor]:
@@ -203,21 +205,6 @@ def _scanner_fields(pairs: PairSet, sim_ranges: str, filter: str) -> dict[str, t
         own.append(scan["poly_CT"].to(pairs.device))
         ours.append(scan["image"].to(pairs.device))
     return {"scanner_CT": torch.stack(ours), "scanner_CT_own": torch.stack(own)}
-
-
-def _scanner_digest(pairs: PairSet, sim_ranges: str, filter: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{sim_ranges}|{filter}".encode())
-    for meta in pairs.metas:
-        h.update(f"{meta.seed}|{meta.material}".encode())
-    for name in ("image", "mask"):
-        t = pairs.fields[name].detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.numpy())
-    for src in sorted(Path(ct_package.__file__).parent.glob("*.py")):
-        h.update(src.name.encode())
-        h.update(src.read_bytes())
-    return h.hexdigest()
 
 
 def _mu_field(pairs: PairSet, domain: str, mu_source: str) -> torch.Tensor:
