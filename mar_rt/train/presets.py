@@ -276,12 +276,14 @@ PAPER = with_seed(
 # the official cases), and the switches tune_route.py chose for it on the tune split against
 # that reference: on the measured route X_p shapes the trace (fidelity_prior "image") and the
 # residual and sinogram loops, whose results that route no longer uses, are off; the image-only
-# route keeps OSRO as round 5 with Norm² off
+# route keeps OSRO as round 5 with Norm² off. Round 7 trained the residual U-Net with it: on the
+# image-only route (recipe.residual_routes), towards the pair's own scan
 CLINICAL_CPU_SCANNER = with_seed(
     dataclasses.replace(
         CLINICAL_CPU,
         name="clinical-scanner",
         data=dataclasses.replace(CLINICAL_CPU.data, image_target="scanner"),
+        residual_pairs=160,
         pipeline=dataclasses.replace(
             CLINICAL_CPU.pipeline, use_clip=False, fidelity_prior="image", run_sinogram_sde=False,
             osro_residual=False, norm2=False, alpha=1.0,

@@ -9,8 +9,10 @@ Stages (each a function; the budget of a stage is its share of the time still le
                        target x(X)
     6. unet_sinogram   IR-SDE, μ = the matching sinogram, target y(Y), loss weighted to the
                        trace
-    7. residual_data   the real pipeline (DAPG + OSRO steps 1–2) on training pairs → R, X'_p
-    8. unet_residual   IR-SDE, μ = R/scale, target (X − X'_p)/scale
+    7. residual_data   the real pipeline (DAPG + OSRO steps 1–2) on training pairs → R, X'_p,
+                       on each route that runs the residual loop (``residual_routes``)
+    8. unet_residual   IR-SDE, μ = R/scale, target (X − X'_p)/scale, X the route's image
+                       target (``DataConfig.image_target``)
     9. tune            sampling steps, α and OSRO switches on validation cases (the same
                        cases the final evaluation uses: a selection on the validation set)
    10. bundle          ``bundle.json`` + fp16 safetensors + ``train_report.json``
@@ -138,16 +140,19 @@ def write_bundle(
 
 
 def stage_pipeline(pipeline: Any, trained: set[str]) -> Any:
-    """The pipeline config a partly trained bundle ships with: loops without a trained net
-    are off, OSRO needs the sinogram net, the residual loop its net."""
-    cfg = pipeline.replace(
-        run_image_sde="unet_image" in trained, run_sinogram_sde="unet_sinogram" in trained
-    )
+    """The pipeline config a partly trained bundle ships with: ``pipeline``, with the loops
+    whose net is not trained off on every route (OSRO needs the sinogram net, the residual
+    loop its net); a loop the recipe switches off stays off."""
+    off: dict[str, bool] = {}
+    if "unet_image" not in trained:
+        off["run_image_sde"] = False
     if "unet_sinogram" not in trained:
-        cfg = cfg.replace(run_osro=False)
+        off.update(run_sinogram_sde=False, run_osro=False)
     if "unet_residual" not in trained:
-        cfg = cfg.replace(osro_residual=False)
-    return cfg
+        off["osro_residual"] = False
+    route = dict(pipeline.image_only or {})
+    route.update({k: v for k, v in off.items() if k in route})
+    return pipeline.replace(**off, image_only=route or None)
 
 
 # --- validation through the real pipeline --------------------------------------------------------
@@ -164,20 +169,26 @@ def spread_cases(metas: Sequence[PairMeta], n: int) -> list[int]:
 def run_pipeline(
     bundle: str | os.PathLike[str], pairs: PairSet, config: Any, *, device: str,
     steps: int | None = None, seed: int = 0, intermediates: bool = False,
+    route: str = "sinogram",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-    """The real pipeline on ``pairs`` (measured ``ma_sinogram``, given masks) → (outputs (N, H, W)
-    on CPU, intermediates on CPU if asked)."""
+    """The real pipeline on ``pairs`` with their masks → (outputs (N, H, W) on CPU,
+    intermediates on CPU if asked). ``route`` "sinogram": the measured ``ma_sinogram``;
+    "image_only": ``ma_CT`` alone (the pipeline reprojects it and runs the config's image-only
+    overrides), as for :func:`image_only_view` pairs."""
     from mar_rt.runtime.pipeline import DuDoCROPPipeline
 
+    if route not in ("sinogram", "image_only"):
+        raise ValueError(f"route must be 'sinogram' or 'image_only', got {route!r}")
     f = pairs.fields
     outs, inter = [], {}
     with DuDoCROPPipeline.from_bundle(bundle, device=device, config=config) as pipe:
         bs = config.batch_size
         for i in range(0, len(pairs), bs):
             sl = slice(i, i + bs)
+            y = f["ma_sinogram"][sl].to(device) if route == "sinogram" else None
             res = pipe(
-                f["ma_CT"][sl].to(device), sinogram=f["ma_sinogram"][sl].to(device),
-                sinogram_is_measured=True, mask=f["mask"][sl].to(device), steps=steps, seed=seed,
+                f["ma_CT"][sl].to(device), sinogram=y, sinogram_is_measured=y is not None,
+                mask=f["mask"][sl].to(device), steps=steps, seed=seed,
                 return_intermediates=intermediates,
             )  # fmt: skip
             outs.append(res.output.cpu().clone())
@@ -201,8 +212,9 @@ def domain_val_config(pipeline: Any, domain: str) -> Any:
         return pipeline.replace(run_sinogram_sde=False, run_osro=False)
     if domain == "sinogram":
         return pipeline.replace(
-            run_image_sde=False, run_osro=True, osro_residual=False, norm2=False, alpha=1.0
-        )
+            run_image_sde=False, run_sinogram_sde=True, run_osro=True, fidelity_prior="sinogram",
+            osro_residual=False, norm2=False, alpha=1.0, image_only=None,
+        )  # fmt: skip
     return pipeline
 
 
@@ -427,10 +439,13 @@ def _new_unet(run: Run, domain: str) -> ConditionalUNet:
 
 
 def _validator(run: Run, domain: str):
-    """Validation through the real pipeline on ``val_cases`` cases (EMA weights)."""
+    """Validation through the real pipeline on ``val_cases`` cases (EMA weights); the residual
+    net on the first of :func:`residual_routes`, the others on the measured route."""
     if run.val is None or run.recipe.val_cases == 0:
         return None
     pairs = run.val.subset(spread_cases(run.val.metas, run.recipe.val_cases))
+    route = residual_routes(run.recipe)[0] if domain == "residual" else "sinogram"
+    pairs = pairs if route == "sinogram" else image_only_view(pairs)
     folder = run.work / "val_bundle"
     cfg = domain_val_config(
         stage_pipeline(run.recipe.pipeline, run.trained | {f"unet_{domain}"}), domain
@@ -441,11 +456,13 @@ def _validator(run: Run, domain: str):
             nets = dict(run.nets)
             nets[f"unet_{domain}"] = ema
             write_bundle(folder, run.recipe, nets, cfg)
-            out, inter = run_pipeline(folder, pairs, cfg, device=run.device, intermediates=True)
+            out, inter = run_pipeline(
+                folder, pairs, cfg, device=run.device, intermediates=True, route=route
+            )
             res = score(out, pairs) | {f"li_{k}": v for k, v in score(inter["x_li"], pairs).items()}
             log.info(
-                "unet_%s step %d: val PSNR %.2f dB (LI %.2f), SSIM %.4f (LI %.4f)",
-                domain, step, res["psnr"], res["li_psnr"], res["ssim"], res["li_ssim"],
+                "unet_%s step %d: val PSNR %.2f dB (LI %.2f), SSIM %.4f (LI %.4f), %s route",
+                domain, step, res["psnr"], res["li_psnr"], res["ssim"], res["li_ssim"], route,
             )  # fmt: skip
             return res
         except (ImportError, MarRtError, RuntimeError, ValueError) as err:
@@ -455,36 +472,63 @@ def _validator(run: Run, domain: str):
     return validate
 
 
-def _domain_data(run: Run, domain: str) -> DomainData:
+def with_image_targets(run: Run, pairs: PairSet) -> tuple[PairSet, dict[str, str]]:
+    """``pairs`` with the fields each route's image-domain networks are trained towards
+    (``DataConfig.image_target``), and those fields' names per route; "scanner" adds the
+    pairs' own metal-free scans (cached)."""
+    r = run.recipe
+    if r.data.image_target != "scanner":
+        return pairs, {"sinogram": "image", "image_only": "image"}
+    if "scanner_CT" not in pairs.fields:
+        pairs = with_scanner_targets(
+            pairs, sim_ranges=r.data.sim_ranges, filter=r.pipeline.fbp_filter,
+            cache_dir=run.work / "cache" / "scanner" if r.cache_pairs else None,
+        )  # fmt: skip
+    return pairs, {"sinogram": "scanner_CT", "image_only": "scanner_CT_own"}
+
+
+def route_pairs(run: Run, route: str) -> PairSet:
+    """The training pairs as ``route`` sees them: measured, or :func:`image_only_view` (with
+    NMAR fields when that route's μ is NMAR)."""
     r = run.recipe
     nmar_cache = run.work / "cache" / "nmar" if r.cache_pairs else None
-    if r.pipeline.mu_source == "nmar" and "NMAR_CT" not in run.train.fields:
-        run.train = with_nmar(run.train, cache_dir=nmar_cache)
+    if route == "sinogram":
+        if r.pipeline.mu_source == "nmar" and "NMAR_CT" not in run.train.fields:
+            run.train = with_nmar(run.train, cache_dir=nmar_cache)
+        return run.train
+    pairs = image_only_view(run.train)
+    if r.pipeline.for_route("image_only").mu_source == "nmar":
+        pairs = with_nmar(pairs, cache_dir=nmar_cache)
+    return pairs
+
+
+def image_routes(recipe: RecipeConfig) -> tuple[str, ...]:
+    """The routes whose inputs the image U-Net trains on (``DataConfig.image_inputs``)."""
+    return {"measured": ("sinogram",), "image_only": ("image_only",)}.get(
+        recipe.data.image_inputs, ("sinogram", "image_only")
+    )
+
+
+def residual_routes(recipe: RecipeConfig) -> tuple[str, ...]:
+    """The routes the residual U-Net trains on: those of :func:`image_routes` whose pipeline
+    runs the residual loop (all of them when none does)."""
+    routes = image_routes(recipe)
+    on = tuple(rt for rt in routes if recipe.pipeline.for_route(rt).osro_residual)
+    return on or routes
+
+
+def _domain_data(run: Run, domain: str) -> DomainData:
+    r = run.recipe
     if domain == "image":
         c, a = run.emb["image"]
-        targets = {"measured": "image", "image_only": "image"}
-        if r.data.image_target == "scanner":
-            targets = {"measured": "scanner_CT", "image_only": "scanner_CT_own"}
-            if "scanner_CT" not in run.train.fields:
-                run.train = with_scanner_targets(
-                    run.train, sim_ranges=r.data.sim_ranges, filter=r.pipeline.fbp_filter,
-                    cache_dir=run.work / "cache" / "scanner" if r.cache_pairs else None,
-                )  # fmt: skip
+        run.train, targets = with_image_targets(run, run.train)
         parts = []
-        if r.data.image_inputs in ("measured", "both"):
-            parts.append(
-                image_domain(
-                    run.train, c, a, mu_source=r.pipeline.mu_source, target=targets["measured"]
-                )
-            )
-        if r.data.image_inputs in ("image_only", "both"):  # μ as the image-only route makes it
-            mu_source = r.pipeline.for_route("image_only").mu_source
-            pairs = image_only_view(run.train)
-            pairs = with_nmar(pairs, cache_dir=nmar_cache) if mu_source == "nmar" else pairs
-            parts.append(
-                image_domain(pairs, c, a, mu_source=mu_source, target=targets["image_only"])
-            )
+        for route in image_routes(r):
+            pairs = route_pairs(run, route)
+            mu_source = r.pipeline.for_route(route).mu_source
+            parts.append(image_domain(pairs, c, a, mu_source=mu_source, target=targets[route]))
         return concat_domains(parts)
+    route_pairs(run, "sinogram")  # NMAR fields when μ is NMAR
     c, a = run.emb["sinogram"]
     return sinogram_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
 
@@ -505,9 +549,10 @@ def _stage_unet(run: Run, domain: str, make_data: Callable[[], DomainData]) -> N
         return
     if name not in run.stages:
         return
+    data = make_data()  # may run a stage of its own (residual_data): the budget comes after
     cfg = dataclasses.replace(cfg, max_minutes=run.clock.stage_minutes(name))
     ema, res = train_sde(
-        unet, make_data(), make_schedule(r.sde), cfg, name=name, checkpoint=ck, resume=run.resume,
+        unet, data, make_schedule(r.sde), cfg, name=name, checkpoint=ck, resume=run.resume,
         validate=_validator(run, domain), progress=run.progress,
     )  # fmt: skip
     run.nets[name] = ema.eval()
@@ -534,6 +579,9 @@ def _thin(values: Sequence[float], n: int = 200) -> list[list[float]]:
 
 
 def _stage_residual_data(run: Run) -> DomainData:
+    """R and X'_p of ``residual_pairs`` training pairs on each of :func:`residual_routes`, made
+    by the real pipeline with that route's switches; targets from :func:`with_image_targets`. The
+    time budget is shared out over the routes."""
     t0 = time.monotonic()
     r = run.recipe
     n = min(r.residual_pairs, len(run.train))
@@ -541,36 +589,52 @@ def _stage_residual_data(run: Run) -> DomainData:
         :n
     ].tolist()
     deadline = run.clock.deadline("residual_data")
-    cfg = stage_pipeline(r.pipeline, run.trained).replace(osro_residual=False)
+    base = stage_pipeline(r.pipeline, run.trained)
     folder = run.work / "val_bundle"
-    write_bundle(folder, r, run.nets, cfg)
-    chunks, done = [], []
-    step = max(cfg.batch_size, 1) * 2
-    for i in range(0, n, step):
-        if deadline is not None and time.monotonic() > deadline and done:
-            log.warning("residual_data: time budget reached after %d of %d pairs", len(done), n)
-            break
-        part = idx[i : i + step]
-        _, inter = run_pipeline(
-            folder, run.train.subset(part), cfg, device=run.device, steps=r.residual_loop_steps,
-            seed=r.data.seed, intermediates=True,
-        )  # fmt: skip
-        chunks.append(inter)
-        done += part
-    inter = {k: torch.cat([c[k] for c in chunks]) for k in ("residual", "x_p_prime")}
-    sel = torch.as_tensor(done)
-    dev = run.device
+    write_bundle(folder, r, run.nets, base.replace(osro_residual=False))
+    # only the pairs used here get targets (those already on run.train are kept)
+    chosen, targets = with_image_targets(run, run.train.subset(idx))
+    routes = residual_routes(r)
     c, a = run.emb["image"]
-    f = run.train.fields
-    data = residual_domain(
-        f["image"][sel.to(f["image"].device)].to(dev), inter["x_p_prime"].to(dev),
-        inter["residual"].to(dev), f["mask"][sel.to(f["mask"].device)].to(dev),
-        c[sel.to(c.device)], a[sel.to(a.device)], scale=r.pipeline.residual_scale,
-    )  # fmt: skip
+    dev = run.device
+    parts, counts = [], {}
+    for j, route in enumerate(routes):
+        cfg = base.for_route(route).replace(osro_residual=False)
+        pairs = chosen if route == "sinogram" else image_only_view(chosen)
+        end = None if deadline is None else t0 + (deadline - t0) * (j + 1) / len(routes)
+        chunks, done = [], []
+        step = max(cfg.batch_size, 1) * 2
+        for i in range(0, n, step):
+            if end is not None and time.monotonic() > end and done:
+                log.warning("residual_data (%s): time budget reached after %d of %d pairs",
+                            route, len(done), n)  # fmt: skip
+                break
+            part = list(range(i, min(i + step, n)))
+            _, inter = run_pipeline(
+                folder, pairs.subset(part), cfg, device=dev, steps=r.residual_loop_steps,
+                seed=r.data.seed, intermediates=True, route=route,
+            )  # fmt: skip
+            chunks.append(inter)
+            done += part
+        inter = {k: torch.cat([ch[k] for ch in chunks]) for k in ("residual", "x_p_prime")}
+        f = pairs.subset(done).fields
+        sel = torch.as_tensor([idx[i] for i in done])
+        parts.append(
+            residual_domain(
+                f[targets[route]].to(dev),
+                inter["x_p_prime"].to(dev),
+                inter["residual"].to(dev),
+                f["mask"].to(dev),
+                c[sel.to(c.device)],
+                a[sel.to(a.device)],
+                scale=r.pipeline.residual_scale,
+            )
+        )
+        counts[route] = len(done)
     run.stage_done(
-        "residual_data", time.monotonic() - t0, pairs=len(done), steps=r.residual_loop_steps
+        "residual_data", time.monotonic() - t0, pairs=counts, steps=r.residual_loop_steps
     )
-    return data
+    return concat_domains(parts)
 
 
 def _variants(inter: dict[str, torch.Tensor], pairs: PairSet) -> list[dict[str, Any]]:

@@ -232,3 +232,77 @@ def test_init_from_in_a_fresh_work_folder_takes_the_bundle_clip(smoke_run):
     assert pipe["run_sinogram_sde"] and pipe["run_osro"] and pipe["osro_residual"]
     report = json.loads((root / "fresh" / "train_report.json").read_text())
     assert report["trained"] == ["unet_image", "unet_residual", "unet_sinogram"]
+
+
+def test_residual_trains_on_the_route_that_runs_it(smoke_run, monkeypatch):
+    """A recipe whose residual loop runs on the image-only route only: the residual U-Net's
+    data come from that route (the runtime pipeline on ma_CT alone) and its target is the
+    route's scanner image; a bundle cut short never runs an untrained loop on any route."""
+    import dataclasses
+
+    import torch
+
+    from mar_rt.models.bundle import load_bundle
+    from mar_rt.runtime.pipeline import DuDoCROPPipeline
+    from mar_rt.train import recipe as recipe_mod
+    from mar_rt.train.presets import recipe_config
+    from mar_rt.train.sources import load_clean_slices
+
+    root, _ = smoke_run
+    smoke = recipe_config("smoke")
+    recipe = dataclasses.replace(
+        smoke,
+        data=dataclasses.replace(smoke.data, image_target="scanner", image_inputs="both"),
+        pipeline=smoke.pipeline.replace(osro_residual=False, image_only={"osro_residual": True}),
+    )
+    assert recipe_mod.residual_routes(recipe) == ("image_only",)
+    measured_only = dataclasses.replace(
+        recipe, data=dataclasses.replace(recipe.data, image_inputs="measured")
+    )
+    assert recipe_mod.residual_routes(measured_only) == ("sinogram",)
+
+    # nothing trained: no route of the shipped config runs a loop
+    cut = recipe_mod.stage_pipeline(recipe.pipeline, set())
+    for route in ("sinogram", "image_only"):
+        on = cut.for_route(route)
+        assert not (on.run_image_sde or on.run_sinogram_sde or on.run_osro or on.osro_residual)
+
+    seen = {}
+    real_run, real_domain = recipe_mod.run_pipeline, recipe_mod.residual_domain
+
+    def spy_run(bundle, pairs, config, **kw):
+        out = real_run(bundle, pairs, config, **kw)
+        if kw.get("intermediates") and "residual" in out[1]:
+            seen.setdefault("calls", []).append((kw.get("route"), pairs, config, bundle))
+        return out
+
+    def spy_domain(image, x_p_prime, residual, mask, *args, **kw):
+        seen["domain"] = (image, x_p_prime, residual)
+        return real_domain(image, x_p_prime, residual, mask, *args, **kw)
+
+    monkeypatch.setattr(recipe_mod, "run_pipeline", spy_run)
+    monkeypatch.setattr(recipe_mod, "residual_domain", spy_domain)
+    report = recipe_mod.train_bundle(
+        load_clean_slices([root / "src", root / "src_val"]), root / "res_io", recipe=recipe,
+        work_dir=root / "res_io.work", progress=False,
+        stages=("data", "residual_data", "unet_residual"), init_from=root / "bundle",
+    )  # fmt: skip
+    assert report["stages"]["residual_data"]["pairs"] == {"image_only": 1}
+    routes = {c[0] for c in seen["calls"]}
+    assert routes == {"image_only"}
+    route, pairs, config, bundle = seen["calls"][0]
+    assert not config.osro_residual
+
+    # the same X'_p from the runtime's own image-only entry: ma_CT alone, no sinogram
+    with DuDoCROPPipeline.from_bundle(bundle, device="cpu", config=config) as pipe:
+        res = pipe(pairs.fields["ma_CT"], mask=pairs.fields["mask"], seed=recipe.data.seed,
+                   steps=recipe.residual_loop_steps, return_intermediates=True)  # fmt: skip
+    assert res.qa.route == "image_only"
+    image, x_p_prime, residual = seen["domain"]
+    torch.testing.assert_close(x_p_prime, res.intermediates["x_p_prime"])
+    torch.testing.assert_close(residual, res.intermediates["residual"])
+    # the target is the route's own scanner image (the pair's kernel), not the clean slice
+    assert "scanner_CT_own" in pairs.fields
+    torch.testing.assert_close(image, pairs.fields["scanner_CT_own"])
+    assert not torch.equal(image, pairs.fields["image"])
+    assert load_bundle(root / "res_io").config["pipeline"]["image_only"]["osro_residual"]
