@@ -198,30 +198,30 @@ def test_demo_bundle_configs_keep_the_old_structure():
     assert not UNetConfig.tiny().transformer_prenorm and not UNetConfig.tiny().reference_padding
 
 
-ROUND3_RESIDUAL_SHA256 = "6bfd0f180ced94d710d719206555431778db9ffdc63b20fe4a2675bb4f02fa2b"
-"""The residual U-Net the legacy values were recorded with (round 3; the demo bundle still ships
-it: round 4 retrained only the image and sinogram U-Nets)."""
+ROUND7_RESIDUAL_SHA256 = "01805d50b93f8c0db2b1e66c3559e7a88c3f2c9478652aa6e4f76685828059b2"
+"""The residual U-Net the demo bundle ships since round 7. Its ``unet_residual_r7_*_eps`` values
+were recorded by the code before the reference options (commit dd3590d's parent), which
+reproduces the round-3 values recorded at the time (``unet_residual_*_eps``) to 7.6e-6."""
 
 
 @torch.no_grad()
 def test_demo_bundle_gives_the_same_eps_as_before():
-    """ε̂ of the shipped round-3 U-Net equals the values recorded with the code before the
-    reference options (same inputs, 40×41 and 24×24); with the reference padding it would not.
-    The image and sinogram U-Nets have other weights since round 4, so their recorded values no
-    longer apply."""
+    """ε̂ of the shipped residual U-Net equals the values the code before the reference options
+    gives with the same weights and inputs (40×41 and 24×24); with the reference padding it would
+    not. The image and sinogram U-Nets have other weights since round 4, so their recorded values
+    no longer apply."""
     bundle = load_bundle(DEMO)
     legacy = np.load(LEGACY)
-    assert bundle.config["networks"]["unet_residual"]["sha256"] == ROUND3_RESIDUAL_SHA256
-    for name in ("unet_residual",):
-        net = bundle.build(name)
-        for hw in ("40x41", "24x24"):
-            key = f"{name}_{hw}"
-            args = [torch.from_numpy(legacy[f"{key}_{k}"]) for k in ("x", "mu", "t", "c", "a")]
-            want = torch.from_numpy(legacy[f"{key}_eps"])
-            torch.testing.assert_close(net.predict(*args), want, rtol=1e-5, atol=2e-5)
-        net.cfg = UNetConfig.from_dict({**net.cfg.to_dict(), "reference_padding": True})
-        moved = net.predict(*args) - want
-        assert moved.abs().max() > 1e-3, name
+    assert bundle.config["networks"]["unet_residual"]["sha256"] == ROUND7_RESIDUAL_SHA256
+    net = bundle.build("unet_residual")
+    for hw in ("40x41", "24x24"):
+        key = f"unet_residual_{hw}"
+        args = [torch.from_numpy(legacy[f"{key}_{k}"]) for k in ("x", "mu", "t", "c", "a")]
+        want = torch.from_numpy(legacy[f"unet_residual_r7_{hw}_eps"])
+        torch.testing.assert_close(net.predict(*args), want, rtol=1e-5, atol=2e-5)
+    net.cfg = UNetConfig.from_dict({**net.cfg.to_dict(), "reference_padding": True})
+    moved = net.predict(*args) - want
+    assert moved.abs().max() > 1e-3
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
