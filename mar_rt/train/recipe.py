@@ -502,11 +502,14 @@ def route_pairs(run: Run, route: str) -> PairSet:
     return pairs
 
 
+_IMAGE_ROUTES = {
+    "measured": ("sinogram",), "image_only": ("image_only",), "both": ("sinogram", "image_only"),
+}  # fmt: skip
+
+
 def image_routes(recipe: RecipeConfig) -> tuple[str, ...]:
     """The routes whose inputs the image U-Net trains on (``DataConfig.image_inputs``)."""
-    return {"measured": ("sinogram",), "image_only": ("image_only",)}.get(
-        recipe.data.image_inputs, ("sinogram", "image_only")
-    )
+    return _IMAGE_ROUTES[recipe.data.image_inputs]
 
 
 def residual_routes(recipe: RecipeConfig) -> tuple[str, ...]:
@@ -528,9 +531,8 @@ def _domain_data(run: Run, domain: str) -> DomainData:
             mu_source = r.pipeline.for_route(route).mu_source
             parts.append(image_domain(pairs, c, a, mu_source=mu_source, target=targets[route]))
         return concat_domains(parts)
-    route_pairs(run, "sinogram")  # NMAR fields when μ is NMAR
     c, a = run.emb["sinogram"]
-    return sinogram_domain(run.train, c, a, mu_source=r.pipeline.mu_source)
+    return sinogram_domain(route_pairs(run, "sinogram"), c, a, mu_source=r.pipeline.mu_source)
 
 
 def _stage_unet(run: Run, domain: str, make_data: Callable[[], DomainData]) -> None:
