@@ -38,7 +38,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         help="Recipe preset: tiny | tiny-cpu | tiny-gpu | clinical-cpu | clinical-cpu-s4 | "
-        "paper | smoke.",
+        "clinical-cpu-scanner | paper | smoke.",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N.")]

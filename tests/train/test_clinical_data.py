@@ -116,3 +116,17 @@ def test_four_step_recipe_starts_where_the_one_step_recipe_starts():
     assert s4.sigma_bars[4] == pytest.approx(s1.sigma_bars[1])
     # the intermediate states lie between μ + λz and x_0: the reverse loop has work to do
     assert 0 < s4.sigma_bars[1] < s4.sigma_bars[2] < s4.sigma_bars[3] < s4.sigma_bars[4]
+
+
+def test_train_help_names_every_preset():
+    """`mar-rt train --config`'s help is written out (the CLI does not import torch to build
+    it), so it must list the presets ``recipe_config`` accepts."""
+    import re
+    import typing
+
+    from mar_rt.cli.train import ConfigOpt
+    from mar_rt.train.presets import PRESETS
+
+    help_text = typing.get_args(ConfigOpt)[1].help
+    named = set(re.findall(r"[a-z0-9-]+", help_text.split(":", 1)[1]))
+    assert named == {*PRESETS, "tiny"}
