@@ -303,8 +303,21 @@ def local_ray_args() -> dict[str, Any]:
 
 
 def resolve_address(address: str | None) -> str | None:
-    """The cluster to join: ``address``, else ``$RAY_ADDRESS``, else None (start Ray here)."""
-    return address or os.environ.get("RAY_ADDRESS") or None
+    """The cluster to join: ``address``, else ``$RAY_ADDRESS``, else None (start Ray here).
+
+    A Ray Client address (``ray://``) is refused: Ray Data, which runs the series, does not
+    work through Ray Client (its workers fail with "'Worker' object has no attribute
+    'core_worker'", Ray 2.60).
+    """
+    source = "--address" if address else "$RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None and address.strip().lower().startswith("ray://"):
+        raise MarRtError(
+            f"{source} {address}: a Ray Client address; mar-rt batch runs on Ray Data, which "
+            "Ray Client cannot drive. Run it on a node of the cluster with --address auto (or "
+            "the head's HOST:6379), or submit it with 'ray job submit'"
+        )
+    return address
 
 
 @contextlib.contextmanager
@@ -312,7 +325,8 @@ def ray_session(address: str | None = None, *, log_to_driver: bool = False) -> I
     """Connect to Ray for one job and yield a description of where it runs.
 
     - Ray already initialised in this process (tests, notebooks): use it, leave it running.
-    - ``address`` ('auto', 'ray://host:10001', 'host:6379') or ``$RAY_ADDRESS``: connect.
+    - ``address`` ('auto', 'host:6379') or ``$RAY_ADDRESS``: connect (not Ray Client's
+      'ray://', see ``resolve_address``).
     - Neither: start Ray inside this process, sized to the machine; shut it down afterwards.
     """
     import ray
@@ -469,6 +483,7 @@ def run_batch(
     """
     from mar_rt.batch.report import write_report
 
+    address = resolve_address(address)  # refused before anything is written
     out = Path(config.out).resolve()
     config = dataclasses.replace(config, out=out)
     settings = bundle_settings(config.bundle)

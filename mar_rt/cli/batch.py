@@ -85,8 +85,9 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--address",
-                help="Ray cluster: 'auto', 'ray://HOST:10001' or HOST:PORT (default "
-                "$RAY_ADDRESS; unset: a local Ray inside this command).",
+                help="Ray cluster: 'auto' or HOST:PORT, from a node of the cluster (default "
+                "$RAY_ADDRESS; unset: a local Ray inside this command). Not Ray Client's "
+                "ray://: Ray Data does not run through it.",
             ),
         ] = None,
         workers: Annotated[
