@@ -70,7 +70,7 @@ from mar_rt.train.presets import RecipeConfig
 from mar_rt.train.sde_trainer import identity_init, train_sde
 from mar_rt.train.sources import CleanSlice, load_clean_slices
 from mar_rt.train.split import check_no_validation, phantom_slices, split_slices
-from mar_rt.train.validation_set import write_validation_set
+from mar_rt.train.validation_set import VAL_SIM_RANGES, write_validation_set
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,10 @@ def run_pipeline(
     return torch.cat(outs), {k: torch.cat(v) for k, v in inter.items()}
 
 
-def score(images: torch.Tensor, pairs: PairSet) -> dict[str, float]:
-    """Mean PSNR / SSIM (SynDeepLesion convention) of ``images`` against the pairs' targets."""
-    target, mask = pairs.fields["image"].cpu(), pairs.fields["mask"].cpu()
+def score(images: torch.Tensor, pairs: PairSet, target: str = "image") -> dict[str, float]:
+    """Mean PSNR / SSIM (SynDeepLesion convention) of ``images`` against the pairs' field
+    ``target`` (the clean slice by default)."""
+    target, mask = pairs.fields[target].cpu(), pairs.fields["mask"].cpu()
     p = np.atleast_1d(metrics.psnr(images, target, mask))
     s = np.atleast_1d(metrics.ssim(images, target, mask))
     return {"psnr": float(p.mean()), "ssim": float(s.mean())}
@@ -445,6 +446,10 @@ def _validator(run: Run, domain: str):
         return None
     pairs = run.val.subset(spread_cases(run.val.metas, run.recipe.val_cases))
     route = residual_routes(run.recipe)[0] if domain == "residual" else "sinogram"
+    target = "image"
+    if domain != "sinogram":  # judged against what the image-domain networks are trained for
+        pairs, targets = with_image_targets(run, pairs, sim_ranges=VAL_SIM_RANGES)
+        target = targets[route]
     pairs = pairs if route == "sinogram" else image_only_view(pairs)
     folder = run.work / "val_bundle"
     cfg = domain_val_config(
@@ -459,12 +464,14 @@ def _validator(run: Run, domain: str):
             out, inter = run_pipeline(
                 folder, pairs, cfg, device=run.device, intermediates=True, route=route
             )
-            res = score(out, pairs) | {f"li_{k}": v for k, v in score(inter["x_li"], pairs).items()}
+            li = score(inter["x_li"], pairs, target)
+            res = score(out, pairs, target) | {f"li_{k}": v for k, v in li.items()}
             log.info(
-                "unet_%s step %d: val PSNR %.2f dB (LI %.2f), SSIM %.4f (LI %.4f), %s route",
-                domain, step, res["psnr"], res["li_psnr"], res["ssim"], res["li_ssim"], route,
+                "unet_%s step %d: val PSNR %.2f dB (LI %.2f), SSIM %.4f (LI %.4f), %s route, "
+                "against %s", domain, step, res["psnr"], res["li_psnr"], res["ssim"],
+                res["li_ssim"], route, target,
             )  # fmt: skip
-            return res
+            return res | {"route": route, "target": target}
         except (ImportError, MarRtError, RuntimeError, ValueError) as err:
             log.warning("unet_%s: validation through the pipeline failed: %s", domain, err)
             return {"error": str(err)}
@@ -472,16 +479,19 @@ def _validator(run: Run, domain: str):
     return validate
 
 
-def with_image_targets(run: Run, pairs: PairSet) -> tuple[PairSet, dict[str, str]]:
+def with_image_targets(
+    run: Run, pairs: PairSet, sim_ranges: str | None = None
+) -> tuple[PairSet, dict[str, str]]:
     """``pairs`` with the fields each route's image-domain networks are trained towards
     (``DataConfig.image_target``), and those fields' names per route; "scanner" adds the
-    pairs' own metal-free scans (cached)."""
+    pairs' own metal-free scans (cached), under the settings ``sim_ranges`` the pairs were made
+    with (default ``DataConfig.sim_ranges``, the training pairs')."""
     r = run.recipe
     if r.data.image_target != "scanner":
         return pairs, {"sinogram": "image", "image_only": "image"}
     if "scanner_CT" not in pairs.fields:
         pairs = with_scanner_targets(
-            pairs, sim_ranges=r.data.sim_ranges, filter=r.pipeline.fbp_filter,
+            pairs, sim_ranges=sim_ranges or r.data.sim_ranges, filter=r.pipeline.fbp_filter,
             cache_dir=run.work / "cache" / "scanner" if r.cache_pairs else None,
         )  # fmt: skip
     return pairs, {"sinogram": "scanner_CT", "image_only": "scanner_CT_own"}
@@ -639,9 +649,12 @@ def _stage_residual_data(run: Run) -> DomainData:
     return concat_domains(parts)
 
 
-def _variants(inter: dict[str, torch.Tensor], pairs: PairSet) -> list[dict[str, Any]]:
-    """Scores of OSRO variants recomputed from one full run's intermediates (the same
-    ``mar_rt.runtime.osro`` formulas): α ∈ {0, ¼, ½, ¾, 1} × residual on/off × Norm² on/off."""
+def _variants(
+    inter: dict[str, torch.Tensor], pairs: PairSet, target: str = "image"
+) -> list[dict[str, Any]]:
+    """Scores against ``target`` of OSRO variants recomputed from one full run's intermediates
+    (the same ``mar_rt.runtime.osro`` formulas): α ∈ {0, ¼, ½, ¾, 1} × residual on/off × Norm²
+    on/off."""
     from mar_rt.runtime import osro
 
     valid = ~pairs.fields["mask"].cpu()
@@ -652,7 +665,7 @@ def _variants(inter: dict[str, torch.Tensor], pairs: PairSet) -> list[dict[str, 
         for norm2 in (True, False):
             xn = osro.match_stats(x_hat, x_p, valid) if norm2 else x_hat
             for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
-                s = score(osro.fuse(xn, x_p, alpha), pairs)
+                s = score(osro.fuse(xn, x_p, alpha), pairs, target)
                 rows.append({"osro_residual": residual, "norm2": norm2, "alpha": alpha, **s})
     return rows
 
@@ -665,6 +678,8 @@ def _stage_tune(run: Run) -> Any:
     if run.val is None or not base.run_osro:
         return base
     pairs = run.val.subset(spread_cases(run.val.metas, r.tune_cases))
+    pairs, targets = with_image_targets(run, pairs, sim_ranges=VAL_SIM_RANGES)
+    target = targets["sinogram"]
     folder = run.work / "val_bundle"
     write_bundle(folder, r, run.nets, base)
     deadline = run.clock.deadline("tune")
@@ -675,9 +690,9 @@ def _stage_tune(run: Run) -> Any:
         _, inter = run_pipeline(
             folder, pairs, base, device=run.device, steps=steps, intermediates=True
         )
-        li = score(inter["x_li"], pairs)
-        xp = score(inter["x_p"], pairs)
-        for row in _variants(inter, pairs):
+        li = score(inter["x_li"], pairs, target)
+        xp = score(inter["x_p"], pairs, target)
+        for row in _variants(inter, pairs, target):
             row = {"steps": steps, **row}
             table.append(row)
             if best is None or row["psnr"] > best["psnr"]:
@@ -689,7 +704,9 @@ def _stage_tune(run: Run) -> Any:
         steps=best["steps"], alpha=best["alpha"], norm2=best["norm2"],
         osro_residual=best["osro_residual"] and "unet_residual" in run.trained,
     )  # fmt: skip
-    run.stage_done("tune", time.monotonic() - t0, cases=len(pairs), table=table, chosen=best)
+    run.stage_done(
+        "tune", time.monotonic() - t0, cases=len(pairs), target=target, table=table, chosen=best
+    )
     return cfg
 
 

@@ -42,6 +42,10 @@ def validation_jobs(
     return [(i, k, s) for i in range(len(slices)) for k, s in enumerate(sizes)]
 
 
+VAL_SIM_RANGES = "protocol"
+"""The validation set's simulator settings (``pairs.pair_settings``): DESIGN §5's protocol."""
+
+
 def write_validation_set(
     slices: Sequence[CleanSlice], out_dir: str | os.PathLike[str], *, seed: int = 0,
     device: str | torch.device = "cpu", store_device: str | torch.device | None = None,
@@ -54,7 +58,7 @@ def write_validation_set(
     masks = validation_masks(slices, seed, sizes)
     pairs = generate_pairs(
         slices, validation_jobs(slices, sizes), seed=seed, device=device, cache_dir=out,
-        store_device=store_device, fixed_masks=masks,
+        store_device=store_device, fixed_masks=masks, sim_ranges=VAL_SIM_RANGES,
     )  # fmt: skip
     stack = np.stack([m for m, _ in masks], axis=-1).astype(np.uint8)
     tmp = out / ".testmask.npy.tmp.npy"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from mar_rt.ct import metrics
 from mar_rt.train.phantoms import ellipse_phantom
 from mar_rt.train.sources import CleanSlice, export_sources
 from mar_rt.train.split import RESERVED_VAL_ID
@@ -272,7 +273,9 @@ def test_residual_trains_on_the_route_that_runs_it(smoke_run, monkeypatch):
 
     def spy_run(bundle, pairs, config, **kw):
         out = real_run(bundle, pairs, config, **kw)
-        if kw.get("intermediates") and "residual" in out[1]:
+        if config.for_route(kw["route"]).osro_residual:  # the residual U-Net's validation
+            seen.setdefault("val", []).append((kw.get("route"), pairs, out[0]))
+        elif kw.get("intermediates") and "residual" in out[1]:
             seen.setdefault("calls", []).append((kw.get("route"), pairs, config, bundle))
         return out
 
@@ -306,3 +309,16 @@ def test_residual_trains_on_the_route_that_runs_it(smoke_run, monkeypatch):
     torch.testing.assert_close(image, pairs.fields["scanner_CT_own"])
     assert not torch.equal(image, pairs.fields["image"])
     assert load_bundle(root / "res_io").config["pipeline"]["image_only"]["osro_residual"]
+
+    # its validation runs that route too and is scored against the cases' own scans (the
+    # validation set's protocol settings), not against the clean slice
+    val = report["stages"]["unet_residual"]["val"][-1]
+    assert (val["route"], val["target"]) == ("image_only", "scanner_CT_own")
+    v_route, v_pairs, v_out = seen["val"][-1]
+    assert v_route == "image_only"
+    f = v_pairs.fields
+    against = {
+        k: float(np.mean(metrics.psnr(v_out, f[k], f["mask"]))) for k in ("scanner_CT_own", "image")
+    }
+    assert val["psnr"] == pytest.approx(against["scanner_CT_own"], abs=1e-6)
+    assert abs(val["psnr"] - against["image"]) > 0.01
