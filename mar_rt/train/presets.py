@@ -278,8 +278,8 @@ PAPER = with_seed(
 # residual and sinogram loops, whose results that route no longer uses, are off; the image-only
 # route keeps OSRO as round 5 with Norm² off. Round 7 trained the residual U-Net with it: on the
 # image-only route (recipe.residual_routes), towards the pair's own scan; round 9 fine-tuned it
-# on 320 pairs (round 7: 160), whose pipeline runs take about as long as the fine-tune, hence
-# the equal shares of residual_data and unet_residual
+# on 320 pairs (round 7: 160), whose data (scanner targets, pipeline runs: 25 minutes on 2 CPU
+# threads) residual_data's old 0.05 share would cut short: its share now equals unet_residual's
 _SCANNER_BUDGET = tuple(
     (stage, 0.12 if stage in ("residual_data", "unet_residual") else share)
     for stage, share in BUDGET
