@@ -529,6 +529,11 @@ def run_batch(
                 summary.plan = plan_workers(config, len(runnable), ray.cluster_resources())
                 log.info("running %d series on %s: %s", len(runnable), where, summary.plan)
                 _execute(runnable, config, settings, summary.plan, emit)
+            # a worker that died after writing a series' output and before its record left
+            # that output behind, and Ray ran the series again under a new name
+            keep = ledger.outputs_in_use()
+            for s in runnable:
+                _clean_leftovers(series_folder(out, s), keep)
         summary.wall_s = time.perf_counter() - t0
         summary.report_json, summary.report_png = write_report(out, summary, ledger)
     return summary

@@ -193,6 +193,37 @@ def test_a_killed_job_resumes_without_half_written_output(
     assert _outputs(out) == sorted(Path(r["output"]) for r in records)  # nothing left over
 
 
+def test_an_attempt_whose_record_was_lost_leaves_no_output(
+    ray_local: None, bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker can die after ``run_study`` renamed a series' output into place and before
+    the record came back; Ray then runs the series again, under a new name. Here the real
+    worker runs the first series twice in-process and its first record is dropped: once the
+    job is over only the recorded outputs remain."""
+    from mar_rt.batch import job
+
+    src, out, args = metal_npy_series(tmp_path, bundle, "--workers", "1")
+    lost: list[dict] = []
+
+    def execute(todo, config, settings, plan, emit) -> None:
+        worker = job.SeriesWorker(str(config.bundle), config.backend, plan.device, 1)
+        for i, series in enumerate(todo):
+            task = json.loads(job._task(series, config, settings))
+            if i == 0:
+                lost.append(worker.run_one(task))  # its process dies before this comes back
+            emit(worker.run_one(task))
+
+    monkeypatch.setattr(job, "_execute", execute)
+    code, output = _batch(*args)
+    assert code == 0, output
+    records = _ledger(out)
+    assert len(records) == 4 and all(r["status"] == "done" for r in records), records
+    (first,) = lost
+    assert first["status"] == "done" and first["output"] not in {r["output"] for r in records}
+    assert not Path(first["output"]).exists()
+    assert _outputs(out) == sorted(Path(r["output"]) for r in records)
+
+
 def _worker_pids() -> list[int]:
     """PIDs of the Ray Data actor processes (process title ``ray::MapWorker(...)`` or
     ``ray::_MapWorker``) running SeriesWorker."""
