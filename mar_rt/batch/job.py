@@ -379,18 +379,22 @@ def plan_workers(config: BatchConfig, n_series: int, resources: dict[str, float]
 
 
 # --- the job ----------------------------------------------------------------------------------
-def _clean_leftovers(folder: Path, keep: set[Path]) -> None:
-    """Remove what an unfinished attempt left in a series' folder (not named in the ledger)."""
-    if not folder.is_dir():
-        return
-    for entry in sorted(folder.iterdir()):
-        if entry.resolve() in keep:
+def _clean_leftovers(out: Path, series: Sequence[Series], ledger: Ledger) -> None:
+    """Remove from each series' folder what an unfinished attempt left there (anything no
+    ledger record names)."""
+    keep = ledger.outputs_in_use()
+    for s in series:
+        folder = series_folder(out, s)
+        if not folder.is_dir():
             continue
-        log.info("removing %s: left by an attempt the ledger does not record", entry)
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        for entry in sorted(folder.iterdir()):
+            if entry.resolve() in keep:
+                continue
+            log.info("removing %s: left by an attempt the ledger does not record", entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def _task(series: Series, config: BatchConfig, settings: dict[str, Any]) -> str:
@@ -516,9 +520,7 @@ def run_batch(
             if s.problem is not None:
                 emit(_failed_record(s, f"BadInputError: {s.problem}"))
         if runnable:
-            keep = ledger.outputs_in_use()
-            for s in runnable:
-                _clean_leftovers(series_folder(out, s), keep)
+            _clean_leftovers(out, runnable, ledger)  # what a killed job left
             try:
                 import ray
             except ImportError as exc:
@@ -531,9 +533,7 @@ def run_batch(
                 _execute(runnable, config, settings, summary.plan, emit)
             # a worker that died after writing a series' output and before its record left
             # that output behind, and Ray ran the series again under a new name
-            keep = ledger.outputs_in_use()
-            for s in runnable:
-                _clean_leftovers(series_folder(out, s), keep)
+            _clean_leftovers(out, runnable, ledger)
         summary.wall_s = time.perf_counter() - t0
         summary.report_json, summary.report_png = write_report(out, summary, ledger)
     return summary

@@ -200,9 +200,9 @@ def run_pipeline(
 def score(images: torch.Tensor, pairs: PairSet, target: str = "image") -> dict[str, float]:
     """Mean PSNR / SSIM (SynDeepLesion convention) of ``images`` against the pairs' field
     ``target`` (the clean slice by default)."""
-    target, mask = pairs.fields[target].cpu(), pairs.fields["mask"].cpu()
-    p = np.atleast_1d(metrics.psnr(images, target, mask))
-    s = np.atleast_1d(metrics.ssim(images, target, mask))
+    ref, mask = pairs.fields[target].cpu(), pairs.fields["mask"].cpu()
+    p = np.atleast_1d(metrics.psnr(images, ref, mask))
+    s = np.atleast_1d(metrics.ssim(images, ref, mask))
     return {"psnr": float(p.mean()), "ssim": float(s.mean())}
 
 
