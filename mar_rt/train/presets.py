@@ -278,8 +278,9 @@ PAPER = with_seed(
 # residual and sinogram loops, whose results that route no longer uses, are off; the image-only
 # route keeps OSRO as round 5 with Norm² off. Round 7 trained the residual U-Net with it: on the
 # image-only route (recipe.residual_routes), towards the pair's own scan; round 9 fine-tuned it
-# on 320 pairs (round 7: 160), whose data (scanner targets, pipeline runs: 25 minutes on 2 CPU
-# threads) residual_data's old 0.05 share would cut short: its share now equals unet_residual's
+# on 320 pairs (round 7: 160), round 10 on all 425 training pairs (residual_pairs is capped at
+# the training set), whose data (scanner targets, pipeline runs: 34 minutes on 2 CPU threads)
+# residual_data's old 0.05 share would cut short: its share equals unet_residual's
 _SCANNER_BUDGET = tuple(
     (stage, 0.12 if stage in ("residual_data", "unet_residual") else share)
     for stage, share in BUDGET
@@ -289,7 +290,7 @@ CLINICAL_CPU_SCANNER = with_seed(
         CLINICAL_CPU,
         name="clinical-scanner",
         data=dataclasses.replace(CLINICAL_CPU.data, image_target="scanner"),
-        residual_pairs=320,
+        residual_pairs=425,
         budget=_SCANNER_BUDGET,
         pipeline=dataclasses.replace(
             CLINICAL_CPU.pipeline, use_clip=False, fidelity_prior="image", run_sinogram_sde=False,
